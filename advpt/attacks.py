@@ -1,0 +1,180 @@
+"""The one projected-gradient attack (paper eqs. 1-2), shared by every method and by evaluation.
+
+An attack is a threat model (how to start, step and project for one norm) plus a generic loop
+that maximises any loss closure ``loss_fn(x_adv) -> per-example loss``. Nothing here knows which
+model or task it attacks: methods pass a closure over their own loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor], Tensor]
+
+
+def _flat_norm(t: Tensor, p: float) -> Tensor:
+    """Per-example norm, shaped to broadcast against ``t``."""
+    n = t.flatten(1).norm(p=p, dim=1)
+    return n.view(-1, *([1] * (t.dim() - 1)))
+
+
+class LinfThreat:
+    """l_inf ball: uniform start, signed-gradient steps, clipping projection."""
+
+    name = "linf"
+
+    def random_init(self, x: Tensor, eps: float) -> Tensor:
+        return torch.empty_like(x).uniform_(-eps, eps)
+
+    def step(self, delta: Tensor, grad: Tensor, step_size: float) -> Tensor:
+        return delta + step_size * grad.sign()
+
+    def project(self, delta: Tensor, eps: float) -> Tensor:
+        return delta.clamp(-eps, eps)
+
+    def norm(self, delta: Tensor) -> Tensor:
+        return delta.flatten(1).abs().amax(dim=1)
+
+
+class L2Threat:
+    """l2 ball: uniform start in the ball, normalised-gradient steps, per-example rescaling."""
+
+    name = "l2"
+
+    def random_init(self, x: Tensor, eps: float) -> Tensor:
+        # Uniform in the d-ball: gaussian direction, radius eps * U^(1/d).
+        direction = torch.randn_like(x)
+        direction = direction / _flat_norm(direction, 2).clamp_min(1e-12)
+        d = x[0].numel()
+        radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype) ** (1.0 / d)
+        return direction * (eps * radius).view(-1, *([1] * (x.dim() - 1)))
+
+    def step(self, delta: Tensor, grad: Tensor, step_size: float) -> Tensor:
+        return delta + step_size * grad / _flat_norm(grad, 2).clamp_min(1e-12)
+
+    def project(self, delta: Tensor, eps: float) -> Tensor:
+        scale = (eps / _flat_norm(delta, 2).clamp_min(1e-12)).clamp(max=1.0)
+        return delta * scale
+
+    def norm(self, delta: Tensor) -> Tensor:
+        return delta.flatten(1).norm(p=2, dim=1)
+
+
+THREATS = {"linf": LinfThreat, "l2": L2Threat}
+
+
+@dataclass(frozen=True)
+class Attack:
+    """PGD settings: ``norm`` in {linf, l2}, radius ``eps``, ``steps`` K, step size alpha.
+
+    ``step_size`` defaults to the paper's 5*eps/8. ``restarts`` > 1 keeps, per example, the
+    perturbation with the highest final loss (evaluation only).
+    """
+
+    norm: str
+    eps: float
+    steps: int = 2
+    step_size: float | None = None
+    random_start: bool = True
+    restarts: int = 1
+
+    def __post_init__(self) -> None:
+        if self.norm not in THREATS:
+            raise ValueError(f"unknown attack norm {self.norm!r}; choose one of {sorted(THREATS)}")
+        if not (self.eps >= 0 and math.isfinite(self.eps)):
+            raise ValueError(f"attack radius must be a finite number >= 0, got {self.eps}")
+        if self.steps < 1 or self.restarts < 1:
+            raise ValueError("attack steps and restarts must be >= 1")
+
+    @property
+    def alpha(self) -> float:
+        return self.step_size if self.step_size is not None else 5.0 * self.eps / 8.0
+
+    @property
+    def threat(self) -> LinfThreat | L2Threat:
+        return THREATS[self.norm]()
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module | None) -> Iterator[None]:
+    """Put ``module`` in eval mode for the duration and restore every submodule's own mode.
+
+    Eval mode keeps normalisation statistics fixed and turns off dropout / drop-path, so the
+    attack changes no training state; saving the flags per submodule keeps modules that were
+    deliberately in eval mode (a frozen target network, say) as they were.
+    """
+    if module is None:
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+
+def pgd(
+    loss_fn: LossFn,
+    x: Tensor,
+    attack: Attack,
+    *,
+    model: nn.Module | None = None,
+    support: Tensor | None = None,
+    lower: float = 0.0,
+    upper: float = 1.0,
+) -> Tensor:
+    """Return a perturbation ``delta`` (detached, same shape as ``x``) that maximises ``loss_fn``.
+
+    ``loss_fn(x_adv)`` returns the per-example loss (shape ``[B]``) or a scalar sum of them; every
+    example is attacked independently. ``model`` is switched to eval mode during the attack and
+    restored afterwards. ``support`` (broadcastable to ``x``, 0/1) restricts the perturbation to
+    part of the input, e.g. MAE's visible patches; norms are then taken over that part only.
+    Only the gradient with respect to the input is computed (``torch.autograd.grad``), so no
+    parameter ``.grad`` is touched and no weight gradient is evaluated.
+    """
+    threat, eps, alpha = attack.threat, attack.eps, attack.alpha
+    x = x.detach()
+    if eps == 0:
+        return torch.zeros_like(x)
+    work = x.float()  # the perturbation lives in fp32 even when the model runs in bf16/fp16
+
+    def constrain(delta: Tensor) -> Tensor:
+        if support is not None:
+            delta = delta * support
+        delta = threat.project(delta, eps)
+        return (work + delta).clamp(lower, upper) - work  # stay a valid image
+
+    def per_example(delta: Tensor) -> Tensor:
+        loss = loss_fn((work + delta).to(x.dtype))
+        return loss.float().expand(x.shape[0]) if loss.dim() == 0 else loss.float()
+
+    best_delta, best_loss = None, None
+    with frozen(model), torch.enable_grad():
+        for _ in range(attack.restarts):
+            delta = threat.random_init(work, eps) if attack.random_start else torch.zeros_like(work)
+            delta = constrain(delta)
+            for _ in range(attack.steps):
+                delta.requires_grad_(True)
+                loss = per_example(delta)
+                (grad,) = torch.autograd.grad(loss.sum(), delta)
+                delta = constrain(threat.step(delta.detach(), grad, alpha))
+            if attack.restarts == 1:
+                return delta.detach().to(x.dtype)
+            with torch.no_grad():
+                final = per_example(delta)
+            if best_delta is None:
+                best_delta, best_loss = delta.detach(), final
+            else:
+                better = final > best_loss
+                best_delta = torch.where(better.view(-1, *([1] * (x.dim() - 1))), delta.detach(), best_delta)
+                best_loss = torch.maximum(final, best_loss)
+    assert best_delta is not None
+    return best_delta.to(x.dtype)

@@ -1,0 +1,123 @@
+"""Image sources: the built-in digits, CIFAR-10/100 in torchvision's layout, any ImageFolder tree.
+
+Every source yields ``(image, label)`` with ``image`` a PIL image or a uint8 tensor [3, H, W];
+transforms turn it into float pixels in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from advpt.errors import UserError
+
+SOURCES = ("builtin", "cifar10", "cifar100", "imagefolder")
+
+
+class Digits(Dataset):
+    """scikit-learn's 1,797 handwritten digits (ships inside the package, no network), as 32x32 RGB.
+
+    Every fifth image is held out as the test split, so both splits cover all ten classes.
+    """
+
+    num_classes = 10
+    classes = [str(i) for i in range(10)]
+
+    def __init__(self, train: bool = True, size: int = 32) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # 8x8 in [0, 1]
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        keep = (torch.arange(len(images)) % 5 != 0) if train else (torch.arange(len(images)) % 5 == 0)
+        self.images = (
+            (images[keep].clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+        )
+        self.targets = torch.from_numpy(digits.target)[keep].tolist()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], self.targets[i]
+
+
+def _cifar(name: str, root: Path, train: bool, download: bool) -> Dataset:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    try:
+        return cls(str(root), train=train, download=download)
+    except (RuntimeError, OSError) as e:  # absent and (offline or download disabled)
+        folder = cls.base_folder
+        raise UserError(
+            f"{name} is not under data.root={root} (expected {root / folder}) and could not be downloaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no network'}); "
+            f"put torchvision's {folder} there or run where the network allows"
+        ) from None
+
+
+def _imagefolder_root(root: Path, train: bool) -> Path | None:
+    """``root/train`` + ``root/val`` (or ``test``) when split, else ``root`` itself for training."""
+    if (root / "train").is_dir():
+        if train:
+            return root / "train"
+        return next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    return root if train else None
+
+
+def build_source(data: Mapping[str, Any], train: bool = True, image_size: int = 32) -> Dataset | None:
+    """The dataset named by ``data.name`` (``None`` when it has no such split)."""
+    name = data["name"]
+    if name == "builtin":
+        return Digits(train=train, size=image_size)
+    root = Path(str(data.get("root") or "data")).expanduser()
+    if name in ("cifar10", "cifar100"):
+        return _cifar(name, root, train, bool(data.get("download", True)))
+    if name == "imagefolder":
+        from torchvision.datasets import ImageFolder
+
+        folder = _imagefolder_root(root, train)
+        if folder is None:
+            return None
+        try:
+            return ImageFolder(str(folder))
+        except (FileNotFoundError, OSError) as e:
+            raise UserError(f"data.root={root}: {e}") from None
+    raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(SOURCES)}")
+
+
+def check_source(data: Mapping[str, Any]) -> None:
+    """Fail early, before anything is written, on a missing data path."""
+    name = data["name"]
+    if name == "imagefolder":
+        root = data.get("root")
+        if not root:
+            raise UserError(
+                "data=imagefolder needs data.root=PATH (a folder of class sub-folders, or train/ + val/)"
+            )
+        root = Path(str(root)).expanduser()
+        if not root.is_dir():
+            raise UserError(f"data.root={root} does not exist or is not a folder")
+        folder = _imagefolder_root(root, True)
+        if folder is None or not any(p.is_dir() for p in folder.iterdir()):
+            raise UserError(
+                f"data.root={root} holds no class sub-folders (ImageFolder layout: ROOT/<class>/<image>)"
+            )
+    elif name in ("cifar10", "cifar100"):
+        root = Path(str(data.get("root") or "data")).expanduser()
+        if not root.exists() and not data.get("download", True):
+            raise UserError(f"data.root={root} does not exist (and data.download=false)")
+        build_source(data, train=True)  # downloads if allowed, else one clear line
+
+
+def num_classes(dataset: Dataset) -> int:
+    if hasattr(dataset, "num_classes"):
+        return int(dataset.num_classes)
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if classes is not None else 0

@@ -1,0 +1,5 @@
+"""The one exception type for a user's mistake: the CLI prints it as one line and exits with 2."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config value, path, missing data); never shown as a traceback."""

@@ -1,0 +1,115 @@
+"""What every pre-training method shares: the attack call, optimiser, schedule, logging, export."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from safetensors.torch import save_file
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import Tensor
+
+from advpt.attacks import Attack, LossFn, frozen, pgd
+from advpt.models import Encoder
+
+
+class PretrainMethod(L.LightningModule):
+    """Base LightningModule: holds the encoder and the attack; subclasses write ``training_step``.
+
+    A subclass builds its per-example loss as a closure over the batch (mask, views, labels), then
+    calls :meth:`attacked` to get the input it trains on, so attack and update share everything
+    drawn at random in that step.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        method: Mapping[str, Any],
+        attack: Mapping[str, Any] | None = None,
+        num_classes: int = 0,
+        batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.method_cfg = dict(method)
+        self.encoder = Encoder.from_config(model)
+        self.attack = Attack(**attack) if attack else None
+        self.batch_size = batch_size
+
+    # -- the attack -------------------------------------------------------------------------
+    def attacked(self, loss_fn: LossFn, x: Tensor, support: Tensor | None = None) -> Tensor:
+        """Return the input to train on: ``x`` itself (nominal) or ``x + PGD(loss_fn)``."""
+        if self.attack is None:
+            return x
+        delta = pgd(loss_fn, x, self.attack, model=self, support=support)
+        self.log("train/delta_norm", self.attack.threat.norm(delta.float()).mean(), batch_size=x.shape[0])
+        if self._logging_step():
+            # Diagnostic only, on logging steps: the same loss at the clean input, in attack conditions.
+            with torch.no_grad(), frozen(self):
+                self.log("train/loss_clean", self.reduce(loss_fn(x)), batch_size=x.shape[0])
+        return x + delta
+
+    def _logging_step(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and self.global_step % max(1, trainer.log_every_n_steps) == 0
+
+    def reduce(self, per_example: Tensor) -> Tensor:
+        """Batch loss from per-example losses (a mean unless the method says otherwise)."""
+        return per_example.float().mean()
+
+    def log_loss(self, loss: Tensor, batch_size: int) -> None:
+        name = "train/loss_adv" if self.attack is not None else "train/loss_clean"
+        self.log(name, loss.detach(), batch_size=batch_size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+
+    # -- optimisation -----------------------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        """Absolute lr from the base lr per 256 images (He et al. 2022's scaling rule)."""
+        m = self.method_cfg
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
+        world = self.trainer.world_size if self._trainer else 1
+        return float(m["base_lr"]) * self.batch_size * accumulate * world / 256.0
+
+    def configure_optimizers(self) -> Any:
+        m = self.method_cfg
+        # timm excludes biases, norms, pos-embed and class token from weight decay.
+        optimizer = create_optimizer_v2(
+            self, opt="adamw", lr=self.lr, weight_decay=float(m["weight_decay"]), betas=tuple(m["betas"])
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=total,
+            lr_min=self.lr * 1e-3,
+            warmup_t=int(float(m["warmup_fraction"]) * total),
+            warmup_lr_init=self.lr * 1e-3,
+            t_in_epochs=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # timm schedulers are driven by the update count rather than torch's step().
+        scheduler.step_update(num_updates=self.global_step)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.vit.{n}" for n in self.encoder.vit.no_weight_decay()}
+
+    # -- export -----------------------------------------------------------------------------
+    def export_encoder(self, directory: str | Path) -> Path:
+        """Write the encoder alone as a timm state dict plus the ``create_model`` call that loads it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.vit.state_dict().items()}
+        path = directory / "encoder.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(path)
+        spec = {"name": self.encoder.name, "kwargs": self.encoder.kwargs, "method": self.method_cfg["name"]}
+        (directory / "encoder.json").write_text(json.dumps(spec, indent=2))
+        return path

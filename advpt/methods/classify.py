@@ -1,0 +1,101 @@
+"""Classification pretext losses: RotNet (paper eq. 5) and supervised pre-training (Madry et al.)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from torch import Tensor, nn
+
+from advpt.methods.base import PretrainMethod
+
+
+def rotate(images: Tensor, quarter_turns: Tensor) -> Tensor:
+    """Rotate each image [B, C, H, W] by ``quarter_turns[i]`` x 90 degrees (counter-clockwise)."""
+    out = images.clone()
+    for k in range(1, 4):
+        idx = (quarter_turns == k).nonzero(as_tuple=True)[0]
+        if idx.numel():
+            out[idx] = torch.rot90(images[idx], k, dims=(2, 3))
+    return out
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-example cross-entropy for integer or soft (mixup / smoothed) targets."""
+    if target.dim() == 1:
+        return F.cross_entropy(logits.float(), target, reduction="none")
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+
+
+class Classifier(PretrainMethod):
+    """Encoder + linear head on the mean-pooled tokens, trained on cross-entropy."""
+
+    num_outputs: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.head = nn.Linear(self.encoder.dim, self.num_outputs)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder.features(x))
+
+    def inputs_and_targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        (images,), labels = batch
+        images, targets = self.inputs_and_targets(images, labels)
+
+        def loss_fn(x: Tensor) -> Tensor:
+            return soft_cross_entropy(self.logits(x), targets)
+
+        x = self.attacked(loss_fn, images)
+        loss = self.reduce(loss_fn(x))
+        self.log_loss(loss, images.shape[0])
+        return loss
+
+
+class RotNet(Classifier):
+    """Predict which of 4 rotations was applied; one rotation drawn per image and step."""
+
+    num_outputs = 4
+
+    def inputs_and_targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        quarter_turns = torch.randint(0, 4, (images.shape[0],), device=images.device)
+        return rotate(images, quarter_turns), quarter_turns
+
+
+class Supervised(Classifier):
+    """Class labels, with MAE's supervised recipe: mixup / cutmix and label smoothing (timm)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.num_outputs = int(kwargs.get("num_classes") or 0)
+        if self.num_outputs < 2:
+            raise ValueError("supervised pre-training needs a labelled dataset with at least 2 classes")
+        super().__init__(*args, **kwargs)
+        m = self.method_cfg
+        mixing = float(m.get("mixup", 0.0)) > 0 or float(m.get("cutmix", 0.0)) > 0
+        self.mixup = (
+            Mixup(
+                mixup_alpha=float(m.get("mixup", 0.0)),
+                cutmix_alpha=float(m.get("cutmix", 0.0)),
+                label_smoothing=float(m.get("label_smoothing", 0.0)),
+                num_classes=self.num_outputs,
+            )
+            if mixing
+            else None
+        )
+
+    def inputs_and_targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if self.mixup is not None and images.shape[0] % 2 == 0:
+            return self.mixup(images, labels)
+        smoothing = float(self.method_cfg.get("label_smoothing", 0.0))
+        if smoothing > 0:
+            off = smoothing / self.num_outputs
+            targets = torch.full((labels.shape[0], self.num_outputs), off, device=images.device)
+            return images, targets.scatter_(1, labels.unsqueeze(1), 1.0 - smoothing + off)
+        return images, labels

@@ -1,0 +1,123 @@
+"""The ``pretrain`` command: build data, method and Trainer from the config, fit, export the encoder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from advpt.config import attack_kwargs, check_pretrain
+from advpt.data import PretrainData
+from advpt.methods import METHODS, PretrainMethod
+
+
+class ImagesPerSecond(Callback):
+    """Logs training throughput (images/s, wall clock per optimiser step) as ``train/images_per_s``."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self._start: float | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._start = self._clock()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._start is None:
+            return
+        images = batch[0][0].shape[0]
+        pl_module.log(
+            "train/images_per_s", images / max(self._clock() - self._start, 1e-9), batch_size=images
+        )
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    name = cfg.logger.name
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+    elif name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        offline = cfg.logger.offline
+        if offline is None:  # offline unless credentials are configured
+            offline = not (os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").exists())
+        # The run id is kept in the run directory so a resumed job continues the same wandb run.
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        logger = WandbLogger(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            save_dir=str(run_dir),
+            offline=bool(offline),
+            id=run_id,
+            resume="allow",
+            tags=list(cfg.logger.tags),
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        id_file.write_text(str(logger.version))
+        loggers.append(logger)
+    return loggers
+
+
+def build_module(cfg: DictConfig, num_classes: int) -> PretrainMethod:
+    method = METHODS[cfg.method.name]
+    return method(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        method=OmegaConf.to_container(cfg.method, resolve=True),
+        attack=attack_kwargs(cfg),
+        num_classes=num_classes,
+        batch_size=int(cfg.data.batch_size),
+    )
+
+
+def fit(cfg: DictConfig, run_dir: Path) -> PretrainMethod:
+    """Pre-train as configured, writing checkpoints, metrics, config and encoder into ``run_dir``."""
+    cfg = check_pretrain(cfg, touch_data=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+
+    data = PretrainData(
+        cfg.data, views=cfg.method.views, image_size=int(cfg.model.img_size), seed=int(cfg.seed)
+    )
+    module = build_module(cfg, data.num_classes)
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=int(cfg.checkpoint_every_n_steps),
+        save_on_train_epoch_end=True,
+    )
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        default_root_dir=str(run_dir),
+        logger=build_loggers(cfg, run_dir),
+        callbacks=[checkpoint, ImagesPerSecond()],
+        reload_dataloaders_every_n_epochs=1,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
+    if trainer.is_global_zero:
+        module.export_encoder(run_dir)
+    return module
+
+
+def run(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    fit(cfg, Path(HydraConfig.get().runtime.output_dir))
