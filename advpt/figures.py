@@ -102,7 +102,7 @@ def filter_components(weight: Tensor, k: int = 28) -> Tensor:
     flat = comps.flatten(1)
     lo = flat.amin(dim=1, keepdim=True)
     span = flat.amax(dim=1, keepdim=True) - lo
-    # a constant component (only possible with a single feature) would divide by zero: map it to 0
+    # a constant component (one feature, or filters differing only in brightness) has zero span: map it to 0
     flat = (flat - lo) / torch.where(span > 0, span, 1.0)
     return flat.reshape(comps.shape)
 

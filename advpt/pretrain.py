@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ class ImagesPerSecond(Callback):
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     from lightning.pytorch.loggers import CSVLogger
 
+    # metrics.csv sits beside the run's other outputs, so Lightning's "directory not empty" note is expected.
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
     name = cfg.logger.name
     if name == "tensorboard":

@@ -1,0 +1,151 @@
+"""The shared PGD against closed-form optima, its constraints, and its promise not to disturb training state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from advpt.attacks import Attack, L2Threat, LinfThreat, frozen, pgd
+
+
+def linear_loss(w: torch.Tensor):
+    """Per-example loss <w, x>: its maximiser over a ball around an interior x is known in closed form."""
+    return lambda x: (x.flatten(1) * w.flatten()).sum(dim=1)
+
+
+@pytest.mark.parametrize("random_start,steps", [(False, 2), (True, 4)])
+def test_linf_reaches_eps_sign_w(random_start: bool, steps: int) -> None:
+    w = torch.randn(3, 8, 8)
+    x = torch.full((5, 3, 8, 8), 0.5)
+    eps = 8 / 255
+    delta = pgd(linear_loss(w), x, Attack("linf", eps, steps=steps, random_start=random_start))
+    # 2 steps of 5eps/8 from 0 (or 4 from anywhere in the ball) overshoot eps, so projection lands on the optimum.
+    torch.testing.assert_close(delta, (eps * w.sign()).expand_as(x))
+
+
+def test_l2_reaches_eps_w_over_norm() -> None:
+    w = torch.randn(3, 8, 8)
+    x = torch.full((4, 3, 8, 8), 0.5)
+    eps = 0.5
+    delta = pgd(linear_loss(w), x, Attack("l2", eps, steps=2, random_start=False))
+    torch.testing.assert_close(delta, (eps * w / w.norm()).expand_as(x), atol=1e-6, rtol=1e-5)
+
+
+def test_l2_from_random_start_converges_to_optimum() -> None:
+    w = torch.randn(3, 4, 4)
+    x = torch.full((6, 3, 4, 4), 0.5)
+    eps = 0.3
+    delta = pgd(linear_loss(w), x, Attack("l2", eps, steps=40, random_start=True))
+    optimum = (eps * w / w.norm()).expand_as(x)
+    cos = torch.nn.functional.cosine_similarity(delta.flatten(1), optimum.flatten(1))
+    assert (cos > 0.999).all()
+    torch.testing.assert_close(delta.flatten(1).norm(dim=1), torch.full((6,), eps), atol=1e-5, rtol=0)
+
+
+def test_step_size_default_is_five_eighths_eps() -> None:
+    assert Attack("linf", 8 / 255).alpha == pytest.approx(5 / 255)
+    assert Attack("l2", 0.5, step_size=0.1).alpha == 0.1
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (7, 1, 4, 4), (3, 10)])
+@pytest.mark.parametrize("eps", [0.01, 0.5, 3.0])
+def test_constraints_hold_under_random_inputs(norm: str, shape: tuple, eps: float) -> None:
+    if norm == "linf" and eps > 1:
+        eps = 1.0
+    g = torch.Generator().manual_seed(hash((norm, shape, eps)) % 2**31)
+    x = torch.rand(shape, generator=g)
+    x[0].view(-1)[:2] = torch.tensor([0.0, 1.0])  # pixels at the range limits
+    mix = torch.randn(x[0].numel(), x[0].numel(), generator=g)
+    loss = lambda z: torch.tanh(z.flatten(1) @ mix).pow(2).sum(1)  # noqa: E731 - an arbitrary smooth loss
+    for steps in (1, 3):
+        delta = pgd(loss, x, Attack(norm, eps, steps=steps, step_size=eps))  # large steps push against the walls
+        norms = (LinfThreat() if norm == "linf" else L2Threat()).norm(delta)
+        assert (norms <= eps * (1 + 1e-5) + 1e-7).all()
+        assert ((x + delta) >= 0).all() and ((x + delta) <= 1).all()
+        assert delta.shape == x.shape and not delta.requires_grad
+
+
+def test_examples_are_attacked_independently() -> None:
+    w = torch.randn(2, 6)
+    x = torch.rand(4, 6) * 0.5 + 0.25
+    loss = lambda z: torch.sin(z @ w.T).sum(1) + (z**2).sum(1)  # noqa: E731
+    attack = Attack("l2", 0.2, steps=3, random_start=False)
+    together = pgd(loss, x, attack)
+    alone = torch.cat([pgd(loss, x[i : i + 1], attack) for i in range(4)])
+    torch.testing.assert_close(together, alone)
+
+
+def test_support_restricts_the_perturbation() -> None:
+    x = torch.full((2, 3, 4, 4), 0.5)
+    support = torch.zeros(2, 1, 4, 4)
+    support[:, :, :2] = 1
+    for norm in ("linf", "l2"):
+        delta = pgd(linear_loss(torch.randn(3, 4, 4)), x, Attack(norm, 0.1), support=support)
+        assert (delta[:, :, 2:] == 0).all() and (delta[:, :, :2] != 0).any()
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.bn(self.conv(x)).mean((2, 3))))
+
+
+def test_attack_leaves_training_state_untouched() -> None:
+    net = _Net().train()
+    net.head.eval()  # a submodule deliberately in eval mode must stay so
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = torch.rand(8, 3, 6, 6), torch.randint(0, 3, (8,))
+    loss = lambda z: nn.functional.cross_entropy(net(z), y, reduction="none")  # noqa: E731
+    delta = pgd(loss, x, Attack("linf", 4 / 255, steps=3), model=net)
+    assert delta.abs().max() > 0
+    assert all(p.grad is None for p in net.parameters())
+    for k, v in net.state_dict().items():  # running stats and num_batches_tracked unchanged
+        assert torch.equal(v, state[k]), k
+    assert net.training and net.conv.training and net.bn.training and not net.head.training
+
+
+def test_frozen_restores_modes_after_an_exception() -> None:
+    net = _Net().train()
+    with pytest.raises(RuntimeError), frozen(net):
+        assert not net.bn.training
+        raise RuntimeError
+    assert net.bn.training
+
+
+def test_attack_under_bf16_autocast_stays_fp32_and_feasible() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 5))
+    x, y = torch.rand(4, 3, 4, 4), torch.randint(0, 5, (4,))
+    loss = lambda z: nn.functional.cross_entropy(net(z), y, reduction="none")  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        delta = pgd(loss, x, Attack("l2", 0.5, steps=2), model=net)
+    assert delta.dtype == torch.float32
+    assert (delta.flatten(1).norm(dim=1) <= 0.5 + 1e-5).all()
+
+
+def test_restarts_keep_the_strongest_perturbation() -> None:
+    # Loss peaks at one corner of the l_inf box; random starts in the other half-space fall into another local max.
+    x = torch.full((64, 1), 0.5)
+    loss = lambda z: (z.squeeze(1) - 0.5).abs() * torch.where(z.squeeze(1) > 0.5, 2.0, 1.0)  # noqa: E731
+    one = pgd(loss, x, Attack("linf", 0.1, steps=2, restarts=1))
+    many = pgd(loss, x, Attack("linf", 0.1, steps=2, restarts=20))
+    assert (loss(x + many) >= loss(x + one) - 1e-6).all()
+    assert (many > 0).all()  # with 20 restarts every example found the better corner
+
+
+def test_zero_radius_is_no_perturbation_and_bad_settings_raise() -> None:
+    x = torch.rand(2, 3)
+    assert (pgd(lambda z: z.sum(1), x, Attack("l2", 0.0)) == 0).all()
+    with pytest.raises(ValueError):
+        Attack("l1", 0.1)
+    with pytest.raises(ValueError):
+        Attack("linf", -0.1)
+    with pytest.raises(ValueError):
+        Attack("linf", 0.1, steps=0)

@@ -1,0 +1,113 @@
+"""The command line: every bad input is one line and exit 2; every method x attack runs and writes its outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from advpt.cli import main
+
+FAST = ["model=vit_micro", "trainer.max_steps=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+
+
+def run_cli(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["method=foo"], "unknown method option 'foo'; choose one of: byol, mae, rotnet, supervised"),
+        (["attack=l3"], "unknown attack option 'l3'"),
+        (["foo=1"], "unknown key 'foo'"),
+        (["trainer.not_an_argument=1"], "unknown key 'trainer.not_an_argument'"),
+        (["+trainer.not_an_argument=1"], "not a Lightning Trainer argument"),
+        (["eps=-0.1"], "eps=-0.1 is out of range"),
+        (["attack=linf", "eps=4"], "not a valid l_inf radius"),
+        (["eps=abc"], "is not a number"),
+        (["attack.steps=0"], "attack.steps=0 is invalid"),
+        (["data=imagefolder", "data.root=/does/not/exist"], "data.root=/does/not/exist does not exist"),
+        (["data=imagefolder"], "needs data.root=PATH"),
+        (["method=mae,byol"], "add -m"),
+        (["-m", "method=mae,nope"], "unknown method option 'nope'"),
+        (["resume=/no/such.ckpt"], "resume=/no/such.ckpt is not a checkpoint"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, needle, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["pretrain", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("advpt pretrain: error: "), err
+    assert needle in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_command_and_usage(capsys) -> None:
+    assert run_cli(["train"]) == 2
+    assert "unknown command 'train'" in capsys.readouterr().err
+    assert run_cli(["--help"]) == 0
+    assert "pretrain" in capsys.readouterr().out
+
+
+def test_cfg_job_prints_the_composed_config(capsys) -> None:
+    assert run_cli(["pretrain", "method=byol", "attack=linf", "eps=2/255", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "name: byol" in out and "eps: 2/255" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["none", "linf", "l2"])
+@pytest.mark.parametrize("method", ["mae", "byol", "rotnet", "supervised"])
+def test_one_step_run_writes_its_outputs(method: str, attack: str, tmp_path: Path) -> None:
+    import csv
+
+    import timm
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    eps = {"none": [], "linf": ["eps=2/255"], "l2": ["eps=0.5"]}[attack]
+    assert run_cli(["pretrain", f"method={method}", f"attack={attack}", *eps, *FAST, f"hydra.run.dir={run_dir}"]) == 0
+
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 1 and "optimizer_states" in ckpt
+    if method == "mae":
+        assert any(k.startswith("decoder.") for k in ckpt["state_dict"])  # reconstructions stay possible
+
+    spec = json.loads((run_dir / "encoder.json").read_text())
+    vit = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+    vit.load_state_dict(load_file(run_dir / "encoder.safetensors"))  # strict: every key matches by name
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert cfg.method.name == method and cfg.attack.name == attack
+    if attack == "linf":
+        assert cfg.eps == pytest.approx(2 / 255)
+
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    columns = set(rows[0]) if rows else set()
+    assert {"train/loss", "train/images_per_s"} <= columns
+    if attack != "none":
+        assert {"train/loss_clean", "train/loss_adv", "train/delta_norm"} <= columns
+        norms = [float(r["train/delta_norm"]) for r in rows if r["train/delta_norm"]]
+        bound = 2 / 255 if attack == "linf" else 0.5
+        assert norms and all(0 < n <= bound + 1e-6 for n in norms)
+
+
+@pytest.mark.slow
+def test_multirun_sweep_as_written(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["pretrain", "-m", "method=mae,rotnet", "attack=linf", "eps=1/255,4/255", *FAST]
+    assert run_cli(args) == 0
+    configs = sorted(c for c in tmp_path.glob("multirun/**/config.yaml") if ".hydra" not in c.parts)
+    assert len(configs) == 4
+    from omegaconf import OmegaConf
+
+    seen = {(OmegaConf.load(c).method.name, round(OmegaConf.load(c).eps * 255)) for c in configs}
+    assert seen == {("mae", 1), ("mae", 4), ("rotnet", 1), ("rotnet", 4)}
