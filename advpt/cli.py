@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
         plain = [a for a in overrides if not a.startswith("-")]
         try:
-            validate(command, plain, multirun)
+            validate(command, plain, multirun, check=getattr(importlib.import_module(COMMANDS[command][0]), "check", None))
         except UserError as e:
             fail(str(e), command)
     _run_hydra(command, overrides)

@@ -135,9 +135,6 @@ def check_pretrain(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
     return cfg
 
 
-CHECKS = {"pretrain": check_pretrain}
-
-
 # -- composing ---------------------------------------------------------------------------------
 def _expand_sweeps(overrides: list[str]) -> Iterable[list[str]]:
     """Every job of a multirun, as plain override lists (Hydra's basic sweeper's cartesian product)."""
@@ -162,8 +159,12 @@ def compose(command: str, overrides: list[str]) -> DictConfig:
         return hydra_compose(command, overrides=overrides)
 
 
-def validate(command: str, overrides: list[str], multirun: bool) -> None:
-    """Compose and check every job the command line describes; raise :class:`UserError` on the first bad one."""
+def validate(command: str, overrides: list[str], multirun: bool, check: Any = None) -> None:
+    """Compose and check every job the command line describes; raise :class:`UserError` on the first bad one.
+
+    ``check(cfg, touch_data)`` is the command's own semantic check (paths, ranges); data sources are
+    touched once per distinct data config.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -176,7 +177,6 @@ def validate(command: str, overrides: list[str], multirun: bool) -> None:
             for job in jobs:
                 cfg = hydra_compose(command, overrides=list(job))
                 data_key = OmegaConf.to_yaml(cfg.data) if "data" in cfg else ""
-                check = CHECKS.get(command)
                 if check is not None:
                     check(cfg, touch_data=data_key not in seen_data)
                 seen_data.add(data_key)

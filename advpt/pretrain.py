@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from advpt.config import attack_kwargs, check_pretrain
-from advpt.data import PretrainData
+from advpt.data.module import PretrainData
 from advpt.methods import METHODS, PretrainMethod
 
 
@@ -118,6 +118,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> PretrainMethod:
     if trainer.is_global_zero:
         module.export_encoder(run_dir)
     return module
+
+
+check = check_pretrain
 
 
 def run(cfg: DictConfig) -> None:

@@ -1,6 +1,1 @@
-"""Datasets, per-method views and the datamodule."""
-
-from advpt.data.module import PretrainData
-from advpt.data.sources import build_source, check_source
-
-__all__ = ["PretrainData", "build_source", "check_source"]
+"""Datasets, per-method views, the datamodule, evaluation sets and corruptions (import the submodules)."""
