@@ -15,6 +15,10 @@ COMMANDS = {
         "advpt.pretrain",
         "adversarial / nominal self-supervised pre-training (MAE, BYOL, RotNet, supervised)",
     ),
+    "finetune": (
+        "advpt.finetune",
+        "fine-tune a pre-trained encoder (AdamW + layer-wise lr decay) or transfer it (optim=sgd_transfer)",
+    ),
 }
 
 USAGE = "usage: advpt <command> [key=value ...] [-m] [--help] [--cfg job]\n\ncommands:\n" + "\n".join(
@@ -58,7 +62,12 @@ def main(argv: list[str] | None = None) -> None:
 
         plain = [a for a in overrides if not a.startswith("-")]
         try:
-            validate(command, plain, multirun, check=getattr(importlib.import_module(COMMANDS[command][0]), "check", None))
+            validate(
+                command,
+                plain,
+                multirun,
+                check=getattr(importlib.import_module(COMMANDS[command][0]), "check", None),
+            )
         except UserError as e:
             fail(str(e), command)
     _run_hydra(command, overrides)

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from advpt.config import attack_kwargs, check_pretrain
@@ -40,6 +40,36 @@ class ImagesPerSecond(Callback):
         pl_module.log(
             "train/images_per_s", images / max(self._clock() - self._start, 1e-9), batch_size=images
         )
+
+
+class LastCheckpoint(Callback):
+    """Keep ``checkpoints/last.ckpt`` current: every ``every_n_steps`` optimiser steps and at each epoch end.
+
+    Written to a temporary file and renamed, so a run killed mid-write never leaves a broken
+    checkpoint (Lightning's ModelCheckpoint writes in place, and cannot combine step and epoch triggers).
+    """
+
+    def __init__(self, directory: Path, every_n_steps: int) -> None:
+        self.path = Path(directory) / "last.ckpt"
+        self.every_n_steps = every_n_steps
+        self._saved_at = -1
+
+    def save(self, trainer: L.Trainer) -> None:
+        if trainer.global_step == self._saved_at or trainer.sanity_checking:
+            return
+        tmp = self.path.with_name(".last.ckpt.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier()
+        self._saved_at = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
@@ -85,6 +115,7 @@ def build_module(cfg: DictConfig, num_classes: int) -> PretrainMethod:
         attack=attack_kwargs(cfg),
         num_classes=num_classes,
         batch_size=int(cfg.data.batch_size),
+        seed=int(cfg.seed),
     )
 
 
@@ -100,19 +131,12 @@ def fit(cfg: DictConfig, run_dir: Path) -> PretrainMethod:
         cfg.data, views=cfg.method.views, image_size=int(cfg.model.img_size), seed=int(cfg.seed)
     )
     module = build_module(cfg, data.num_classes)
-    checkpoint = ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"),
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=int(cfg.checkpoint_every_n_steps),
-        save_on_train_epoch_end=True,
-    )
+    checkpoint = LastCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every_n_steps))
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         default_root_dir=str(run_dir),
         logger=build_loggers(cfg, run_dir),
         callbacks=[checkpoint, ImagesPerSecond()],
-        reload_dataloaders_every_n_epochs=1,
     )
     trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
     if trainer.is_global_zero:

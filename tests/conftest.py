@@ -29,4 +29,6 @@ def make_method(name: str, attack: dict | None = None, num_classes: int = 10, **
     from advpt.methods import METHODS
 
     method = {**load("method", name), **method_overrides}
-    return METHODS[name](model=load("model", "vit_micro"), method=method, attack=attack, num_classes=num_classes)
+    return METHODS[name](
+        model=load("model", "vit_micro"), method=method, attack=attack, num_classes=num_classes
+    )

@@ -60,7 +60,9 @@ def test_constraints_hold_under_random_inputs(norm: str, shape: tuple, eps: floa
     mix = torch.randn(x[0].numel(), x[0].numel(), generator=g)
     loss = lambda z: torch.tanh(z.flatten(1) @ mix).pow(2).sum(1)  # noqa: E731 - an arbitrary smooth loss
     for steps in (1, 3):
-        delta = pgd(loss, x, Attack(norm, eps, steps=steps, step_size=eps))  # large steps push against the walls
+        delta = pgd(
+            loss, x, Attack(norm, eps, steps=steps, step_size=eps)
+        )  # large steps push against the walls
         norms = (LinfThreat() if norm == "linf" else L2Threat()).norm(delta)
         assert (norms <= eps * (1 + 1e-5) + 1e-7).all()
         assert ((x + delta) >= 0).all() and ((x + delta) <= 1).all()

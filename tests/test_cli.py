@@ -10,7 +10,12 @@ import torch
 
 from advpt.cli import main
 
-FAST = ["model=vit_micro", "trainer.max_steps=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+FAST = [
+    "model=vit_micro",
+    "trainer.max_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
 
 
 def run_cli(args: list[str]) -> int:
@@ -74,7 +79,10 @@ def test_one_step_run_writes_its_outputs(method: str, attack: str, tmp_path: Pat
 
     run_dir = tmp_path / "run"
     eps = {"none": [], "linf": ["eps=2/255"], "l2": ["eps=0.5"]}[attack]
-    assert run_cli(["pretrain", f"method={method}", f"attack={attack}", *eps, *FAST, f"hydra.run.dir={run_dir}"]) == 0
+    assert (
+        run_cli(["pretrain", f"method={method}", f"attack={attack}", *eps, *FAST, f"hydra.run.dir={run_dir}"])
+        == 0
+    )
 
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 1 and "optimizer_states" in ckpt
@@ -111,3 +119,51 @@ def test_multirun_sweep_as_written(tmp_path: Path, monkeypatch) -> None:
 
     seen = {(OmegaConf.load(c).method.name, round(OmegaConf.load(c).eps * 255)) for c in configs}
     assert seen == {("mae", 1), ("mae", 4), ("rotnet", 1), ("rotnet", 4)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,attack", [("mae", "l2"), ("byol", "linf")])
+def test_resumed_run_equals_uninterrupted_run(method: str, attack: str, tmp_path: Path, monkeypatch) -> None:
+    import signal
+
+    from safetensors.torch import load_file
+
+    from advpt.methods.base import PretrainMethod
+
+    common = [
+        "pretrain",
+        f"method={method}",
+        f"attack={attack}",
+        "model=vit_micro",
+        "trainer.limit_train_batches=2",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "data.batch_size=16",
+    ]
+    full, killed, resumed = tmp_path / "full", tmp_path / "killed", tmp_path / "resumed"
+    assert run_cli([*common, f"hydra.run.dir={full}"]) == 0
+
+    # Kill the same run at the start of its second epoch, after the first epoch's checkpoint was written.
+    start_epoch = PretrainMethod.on_train_epoch_start
+
+    def kill_at_epoch_1(self) -> None:
+        if self.current_epoch == 1:
+            raise KeyboardInterrupt
+        start_epoch(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(PretrainMethod, "on_train_epoch_start", kill_at_epoch_1)
+        assert run_cli([*common, f"hydra.run.dir={killed}"]) != 0
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores Ctrl-C after an interrupt
+    assert not (killed / "encoder.safetensors").exists()
+
+    assert (
+        run_cli([*common, f"resume={killed / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={resumed}"]) == 0
+    )
+    a, b = load_file(full / "encoder.safetensors"), load_file(resumed / "encoder.safetensors")
+    ckpt = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2
+    c = {k[len("encoder.vit.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.vit.")}
+    assert any(not torch.equal(a[k], c[k]) for k in a), "the second epoch must change the weights"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

@@ -47,14 +47,18 @@ def test_mae_loss_counts_masked_patches_only() -> None:
     # A perfect prediction of the per-patch-normalised target on masked patches gives zero loss.
     norm = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     garbage_on_visible = torch.where(visible.unsqueeze(-1), torch.randn_like(norm) * 100, norm)
-    torch.testing.assert_close(mae_loss(garbage_on_visible, target, visible), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        mae_loss(garbage_on_visible, target, visible), torch.zeros(2), atol=1e-5, rtol=0
+    )
 
 
 def test_patch_mask_to_pixels_matches_patchify_order() -> None:
     _, visible = random_visible(3, 16, 0.75)
     pixels = patch_mask_to_pixels(visible, (4, 4), 4).expand(-1, 3, -1, -1)
     as_patches = patchify(pixels, 4)
-    assert torch.equal(as_patches.amax(-1).bool(), visible) and torch.equal(as_patches.amin(-1).bool(), visible)
+    assert torch.equal(as_patches.amax(-1).bool(), visible) and torch.equal(
+        as_patches.amin(-1).bool(), visible
+    )
 
 
 def test_adversarial_mae_perturbs_visible_patches_with_one_shared_mask(record_pgd, monkeypatch) -> None:
@@ -108,7 +112,9 @@ def test_byol_ema_update_moves_target_towards_online() -> None:
             p.add_(1.0)
     t0 = [p.clone() for p in module.target["encoder"].parameters()]
     module.update_target(0.9)
-    for p_t, p_0, p_o in zip(module.target["encoder"].parameters(), t0, module.encoder.parameters(), strict=True):
+    for p_t, p_0, p_o in zip(
+        module.target["encoder"].parameters(), t0, module.encoder.parameters(), strict=True
+    ):
         torch.testing.assert_close(p_t, 0.9 * p_0 + 0.1 * p_o)
 
 
@@ -169,7 +175,11 @@ def test_weight_decay_skips_biases_norms_and_embeddings() -> None:
     opt = create_optimizer_v2(module, opt="adamw", lr=1e-3, weight_decay=0.05)
     no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     named = dict(module.named_parameters())
-    for name in ("encoder.vit.pos_embed", "encoder.vit.cls_token", "encoder.vit.blocks.0.norm1.weight",
-                 "encoder.vit.blocks.0.attn.qkv.bias"):
+    for name in (
+        "encoder.vit.pos_embed",
+        "encoder.vit.cls_token",
+        "encoder.vit.blocks.0.norm1.weight",
+        "encoder.vit.blocks.0.attn.qkv.bias",
+    ):
         assert id(named[name]) in no_decay, name
     assert id(named["encoder.vit.blocks.0.attn.qkv.weight"]) not in no_decay

@@ -2,29 +2,62 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from advpt.data.sources import build_source, num_classes
 from advpt.data.transforms import pretrain_views
 
 
-class Transformed(Dataset):
-    """``(image, label) -> (transform(image), label)``."""
+class EpochSampler(Sampler):
+    """Shuffles with a generator seeded by (seed, epoch) and yields ``(epoch, index)`` pairs.
 
-    def __init__(self, base: Dataset, transform: Any) -> None:
-        self.base, self.transform = base, transform
+    Lightning calls :meth:`set_epoch` at every epoch start (also after a resume), and the epoch
+    travels with each index into the workers, so shuffle order and augmentations are a function of
+    (seed, epoch, index) alone: a run resumed at an epoch boundary sees the batches an uninterrupted
+    one would have seen.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        epoch = self.epoch
+        return ((epoch, int(i)) for i in torch.randperm(self.size, generator=generator))
+
+
+class Transformed(Dataset):
+    """``(image, label) -> (transform(image), label)``; indexed by ``i`` or by ``(epoch, i)``.
+
+    Given ``(epoch, i)`` and a ``seed``, the random augmentation depends on (seed, epoch, i) alone,
+    whatever the number of workers or the state of the global generator.
+    """
+
+    def __init__(self, base: Dataset, transform: Any, seed: int | None = None) -> None:
+        self.base, self.transform, self.seed = base, transform, seed
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
+        epoch, i = key if isinstance(key, tuple) else (None, key)
         image, label = self.base[i]
-        return self.transform(image), label
+        if self.seed is None or epoch is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63)
+            return self.transform(image), label
 
 
 class PretrainData(L.LightningDataModule):
@@ -36,17 +69,15 @@ class PretrainData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         workers = int(self.cfg.get("num_workers", 0))
-        # The shuffle order is a function of the seed and epoch, so a resumed run sees the same batches.
-        generator = torch.Generator().manual_seed(
-            self.seed + (self.trainer.current_epoch if self.trainer is not None else 0)
-        )
+        batch_size = int(self.cfg["batch_size"])
         return DataLoader(
-            Transformed(self.source, pretrain_views(self.views, self.image_size)),
-            batch_size=int(self.cfg["batch_size"]),
-            shuffle=True,
-            drop_last=len(self.source) >= int(self.cfg["batch_size"]),
+            Transformed(self.source, pretrain_views(self.views, self.image_size), seed=self.seed),
+            batch_size=batch_size,
+            sampler=EpochSampler(len(self.source), self.seed),
+            drop_last=len(self.source) >= batch_size,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
-            generator=generator,
+            # The loader draws its workers' base seed from this, not from the global generator.
+            generator=torch.Generator().manual_seed(self.seed),
         )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
@@ -33,6 +35,7 @@ class PretrainMethod(L.LightningModule):
         attack: Mapping[str, Any] | None = None,
         num_classes: int = 0,
         batch_size: int = 64,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -40,6 +43,15 @@ class PretrainMethod(L.LightningModule):
         self.encoder = Encoder.from_config(model)
         self.attack = Attack(**attack) if attack else None
         self.batch_size = batch_size
+        self.seed = seed
+
+    def on_train_epoch_start(self) -> None:
+        # Randomness (augmentations, masks, rotations, attack starts) is a function of (seed, epoch),
+        # so a run resumed from an epoch-end checkpoint repeats the uninterrupted run exactly.
+        seed = self.seed * 100_003 + self.current_epoch
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)  # timm's mixup / cutmix draw from numpy
+        random.seed(seed)
 
     # -- the attack -------------------------------------------------------------------------
     def attacked(self, loss_fn: LossFn, x: Tensor, support: Tensor | None = None) -> Tensor:
