@@ -11,6 +11,16 @@ The average is over the headline sets present, saying how many of the suite's se
 Robust accuracy: PGD (``advpt.attacks``) on the cross-entropy at each radius; an example counts as robust
 when the model classifies the attacked input correctly (clean mistakes are attacked too and count as
 failures), so robust accuracy is over all attacked images.
+
+``results.json`` (top-1 and accuracies as fractions in [0, 1], ``"top1_unit": "fraction"``)::
+
+    {"checkpoint": path, "suite": ..., "model": {...},
+     "sets": {name: {"top1", "images"},                          # a headline set
+              group: {"top1", "images", "subsets"},              # corruptions / imagenet_c: mean of subsets
+              group/corruption: {"top1", "images", "group", "severities": {"1": top1, ...}}},
+     "average": {"top1", "sets": headline sets present, "of": headline sets of the suite},
+     "robust_set": name, "robust": {norm: {radius as written: {"accuracy", "images", "eps", "steps",
+     "restarts", "step_size"}}}, "warnings": [...], "config": {...}}
 """
 
 from __future__ import annotations

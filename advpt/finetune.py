@@ -8,15 +8,16 @@ and Steiner et al.'s SGD transfer (App. E). The result is a plain timm classifie
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -62,7 +63,8 @@ def find_latest(under: Path = LATEST_UNDER) -> Path:
     if not found:
         raise UserError(
             f"pretrained=latest found no {under}/**/encoder.safetensors here: run `advpt pretrain` first, "
-            "or pass pretrained=PATH (a pretrain run directory, encoder.safetensors or last.ckpt) or pretrained=none"
+            "or pass pretrained=PATH (a pretrain run directory, encoder.safetensors or last.ckpt) "
+            "or pretrained=none"
         )
     return found[-1].resolve()
 
@@ -77,16 +79,17 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _checkpoint_encoder(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The ``encoder.vit.*`` weights of a pretrain checkpoint, renamed to timm's names, and its model config."""
+    """A pretrain checkpoint's ``encoder.vit.*`` weights under timm's names, and its model config."""
     ckpt = _load_checkpoint(path)
     prefix = "encoder.vit."
     state = {k[len(prefix) :]: v for k, v in (ckpt.get("state_dict") or {}).items() if k.startswith(prefix)}
     model = (ckpt.get("hyper_parameters") or {}).get("model")
-    if not state or not isinstance(model, Mapping):
-        raise UserError(
-            f"pretrained={path} is not a checkpoint of `advpt pretrain` (no encoder.vit.* weights)"
-        )
-    return state, model_config(model["name"], timm_kwargs(model))
+    try:
+        if state:
+            return state, model_config(model["name"], timm_kwargs(model))
+    except (KeyError, TypeError, ValueError):
+        pass
+    raise UserError(f"pretrained={path} is not a checkpoint of `advpt pretrain` (no encoder.vit.* weights)")
 
 
 def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -94,7 +97,8 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            # safe_open is not iterable, hence keys()
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as e:
         raise UserError(
             f"pretrained={path} is not a readable safetensors file ({type(e).__name__})"
@@ -105,21 +109,24 @@ def _check_matches(path: Path, shapes: Mapping[str, tuple[int, ...]], model: Map
     """Every weight the ViT needs is there with its shape; the head is the only part left out."""
     import timm
 
-    with torch.device("meta"):
-        vit = timm.create_model(model["name"], pretrained=False, **timm_kwargs(model))
+    try:
+        with torch.device("meta"):  # shapes only, nothing allocated
+            vit = timm.create_model(model["name"], pretrained=False, **timm_kwargs(model))
+    except Exception as e:  # an unknown architecture or argument
+        raise UserError(f"pretrained={path}: cannot build its model {model['name']} ({e})") from None
     wanted = {k: tuple(v.shape) for k, v in vit.state_dict().items() if not k.startswith("head.")}
     given = {k: s for k, s in shapes.items() if not k.startswith("head.")}
     missing, unexpected = sorted(wanted.keys() - given.keys()), sorted(given.keys() - wanted.keys())
     wrong = sorted(k for k in wanted.keys() & given.keys() if wanted[k] != given[k])
-    if missing or unexpected or wrong:
-        what = (
-            f"missing {missing[0]}"
-            if missing
-            else f"unexpected {unexpected[0]}"
-            if unexpected
-            else f"{wrong[0]} has shape {list(given[wrong[0]])}, the model wants {list(wanted[wrong[0]])}"
-        )
-        raise UserError(f"pretrained={path} does not fit its model {model['name']} ({what})")
+    if missing:
+        what = f"missing {missing[0]}"
+    elif unexpected:
+        what = f"unexpected {unexpected[0]}"
+    elif wrong:
+        what = f"{wrong[0]} has shape {list(given[wrong[0]])}, the model wants {list(wanted[wrong[0]])}"
+    else:
+        return
+    raise UserError(f"pretrained={path} does not fit its model {model['name']} ({what})")
 
 
 def resolve_pretrained(value: Any) -> Pretrained:
@@ -174,7 +181,9 @@ def load_encoder_state(path: Path) -> dict[str, Tensor]:
 
 def load_backbone(vit: nn.Module, state: Mapping[str, Tensor]) -> None:
     """Load everything but the head, strictly: a missing or extra encoder weight is an error."""
-    missing, unexpected = vit.load_state_dict({k: v for k, v in state.items()}, strict=False)
+    missing, unexpected = vit.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith("head.")}, strict=False
+    )
     bad = [k for k in missing if not k.startswith("head.")] + list(unexpected)
     if bad:
         raise UserError(f"the pre-trained weights do not fit the model ({bad[0]})")
@@ -313,36 +322,39 @@ class FinetuneData(L.LightningDataModule):
         self.val_source = build_source(self.cfg, train=False, image_size=image_size)
         self.num_classes = num_classes(self.train_source)
 
-    def _loader(self, dataset: Any, train: bool) -> DataLoader:
+    def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
         workers = int(self.cfg.get("num_workers", 0))
-        batch = int(self.cfg["batch_size"])
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
         return DataLoader(
             dataset,
-            batch_size=batch,
-            shuffle=train,
-            drop_last=train and len(dataset) >= batch,  # mixup pairs need an even batch
+            batch_size=int(self.cfg["batch_size"]),
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(self.seed + epoch) if train else None,
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
-        from advpt.data.module import Transformed
+        from advpt.data.module import EpochSampler, Transformed
         from advpt.data.transforms import Views
 
-        # One view per image, batched as ([images], labels) like pre-training (ImagesPerSecond reads it).
+        # One view per image, batched as ([images], labels) like pre-training (ImagesPerSecond reads it);
+        # shuffle order and augmentations follow (seed, epoch), as in pre-training, so resuming repeats them.
         views = Views([train_transform(self.optim, self.image_size)])
-        return self._loader(Transformed(self.train_source, views), train=True)
+        size, batch = len(self.train_source), int(self.cfg["batch_size"])
+        return self._loader(
+            Transformed(self.train_source, views, seed=self.seed),
+            sampler=EpochSampler(size, self.seed),
+            drop_last=size >= batch,  # mixup pairs need an even batch
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         from advpt.data.module import Transformed
         from advpt.data.transforms import eval_transform
 
         if self.val_source is None:
-            return []
-        return self._loader(Transformed(self.val_source, eval_transform(self.image_size)), train=False)
+            return []  # no test split: no val/top1
+        return self._loader(Transformed(self.val_source, eval_transform(self.image_size)), shuffle=False)
 
 
 class FineTuner(L.LightningModule):
@@ -355,6 +367,7 @@ class FineTuner(L.LightningModule):
         num_classes: int,
         layer_decay: float = 1.0,
         batch_size: int = 64,
+        seed: int = 0,
     ) -> None:
         from timm.data import Mixup
         from torchmetrics.classification import MulticlassAccuracy
@@ -362,7 +375,7 @@ class FineTuner(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.optim_cfg, self.num_classes = dict(optim), int(num_classes)
-        self.layer_decay, self.batch_size = float(layer_decay), int(batch_size)
+        self.layer_decay, self.batch_size, self.seed = float(layer_decay), int(batch_size), int(seed)
         self.net = Encoder.from_config(model, self.num_classes, drop_path_rate=float(optim["drop_path_rate"]))
         init_head(self.net.vit)
         mixup, cutmix = float(optim.get("mixup", 0.0)), float(optim.get("cutmix", 0.0))
@@ -386,6 +399,13 @@ class FineTuner(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def on_train_epoch_start(self) -> None:
+        # As in pre-training: randomness (mixup, cutmix, drop path, RandAugment) follows (seed, epoch).
+        seed = self.seed * 100_003 + self.current_epoch
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)  # timm's mixup / cutmix draw from numpy
+        random.seed(seed)  # RandAugment and random erasing draw from Python's generator
 
     def targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Mixup / cutmix (timm, on even batches) and label smoothing."""
@@ -420,7 +440,7 @@ class FineTuner(L.LightningModule):
 
     @property
     def lr(self) -> float:
-        """Absolute peak lr: the recipe's lr at ``lr_batch`` images, scaled linearly to the effective batch."""
+        """Absolute peak lr: the recipe's lr at ``lr_batch`` images, scaled linearly to the batch."""
         accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
         world = self.trainer.world_size if self._trainer else 1
         batch = self.batch_size * accumulate * world
@@ -465,8 +485,8 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
             )
         if optim.opt != "adamw" and gamma != 1:
             raise UserError(
-                f"layer_decay={cfg.layer_decay} does not apply to optim={optim.name}, which trains every layer "
-                "at one lr (Steiner et al.): leave layer_decay out, or use optim=adamw_lld"
+                f"layer_decay={cfg.layer_decay} does not apply to optim={optim.name}, which trains "
+                "every layer at one lr (Steiner et al.): leave layer_decay out, or use optim=adamw_lld"
             )
         cfg.layer_decay = gamma
         if parse_number(optim.lr, "optim.lr") <= 0:
@@ -500,7 +520,8 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
         cfg.model = model
         if cfg.model.img_size % cfg.model.patch_size:
             raise UserError(
-                f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size={cfg.model.patch_size}"
+                f"model.img_size={cfg.model.img_size} is not a multiple of "
+                f"model.patch_size={cfg.model.patch_size}"
             )
         check_trainer(cfg.trainer)
         _positive_int(cfg.checkpoint_every_n_steps, "checkpoint_every_n_steps")
@@ -540,7 +561,7 @@ def export_classifier(module: FineTuner, cfg: DictConfig, directory: Path) -> Pa
 
 def fit(cfg: DictConfig, run_dir: Path) -> FineTuner:
     """Fine-tune as configured, writing checkpoints, metrics, config and the classifier into ``run_dir``."""
-    from advpt.pretrain import ImagesPerSecond, build_loggers
+    from advpt.pretrain import ImagesPerSecond, LastCheckpoint, build_loggers
 
     cfg = check(cfg, touch_data=False)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -559,22 +580,16 @@ def fit(cfg: DictConfig, run_dir: Path) -> FineTuner:
         num_classes=data.num_classes,
         layer_decay=float(cfg.layer_decay),
         batch_size=int(cfg.data.batch_size),
+        seed=int(cfg.seed),
     )
     if cfg.pretrained != "none":
         load_backbone(module.vit, load_encoder_state(Path(cfg.pretrained)))
-    checkpoint = ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"),
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=int(cfg.checkpoint_every_n_steps),
-        save_on_train_epoch_end=True,
-    )
+    checkpoint = LastCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every_n_steps))
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         default_root_dir=str(run_dir),
         logger=build_loggers(cfg, run_dir),
         callbacks=[checkpoint, ImagesPerSecond()],
-        reload_dataloaders_every_n_epochs=1,
     )
     trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
     # A run that stops mid-epoch (max_steps) is still scored on its final weights.

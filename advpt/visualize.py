@@ -7,6 +7,7 @@ gives one panel: the first principal components of its standardised patch-embedd
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -100,31 +101,52 @@ def _radius(attack: str, eps: Any) -> str:
     return f"{value:g}"
 
 
-def title(path: Path) -> str:
-    """A short panel name: method, attack and radius from the run's config.yaml, else the folder's name."""
-    import json
-
-    run = run_dir(path)
-    name = run.name
+def _pretrain_title(run: Path) -> str | None:
+    """``method attack radius`` (or ``method nominal``) from a pretrain run's config.yaml, if it has one."""
     try:
         cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
-    except Exception:  # no or unreadable config: the folder name will do
-        cfg = {}
+    except Exception:  # no or unreadable config
+        return None
     method = cfg.get("method") if isinstance(cfg, dict) else None
     attack = cfg.get("attack") if isinstance(cfg, dict) else None
-    if isinstance(method, dict) and isinstance(attack, dict) and "name" in method and "name" in attack:
-        if attack["name"] == "none" or cfg.get("eps") in (0, None):
-            name = f"{method['name']} nominal"
-        else:
-            name = f"{method['name']} {attack['name']} {_radius(attack['name'], cfg['eps'])}"
-    spec_path = path.with_suffix(".json")
-    if path.name == "model.safetensors" and spec_path.is_file():
-        try:
-            decay = json.loads(spec_path.read_text()).get("layer_decay")
-        except (OSError, ValueError, AttributeError):
-            decay = None
-        name += " fine-tuned" + (f" ld={decay}" if decay is not None else "")
-    return name
+    if not (isinstance(method, dict) and isinstance(attack, dict) and "name" in method and "name" in attack):
+        return None
+    if attack["name"] == "none" or cfg.get("eps") in (0, None):
+        return f"{method['name']} nominal"
+    return f"{method['name']} {attack['name']} {_radius(attack['name'], cfg['eps'])}"
+
+
+def _finetune_spec(path: Path) -> dict[str, Any] | None:
+    """A fine-tuned model's model.json (None for pre-trained weights)."""
+    import json
+
+    if path.name == "encoder.safetensors":
+        return None
+    spec_path = path.with_suffix(".json") if path.suffix == ".safetensors" else run_dir(path) / "model.json"
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) and ("layer_decay" in spec or "pretrained" in spec) else None
+
+
+def title(path: Path) -> str:
+    """A short panel name: method, attack and radius from the run's config.yaml, else the folder's name.
+
+    A fine-tuned model is named after the run it was fine-tuned from (model.json's ``pretrained``).
+    """
+    run = run_dir(path)
+    spec = _finetune_spec(path)
+    if spec is None:
+        return _pretrain_title(run) or run.name
+    base, pretrained = run.name, spec.get("pretrained")
+    if str(pretrained) == "none":
+        base = "scratch"
+    elif pretrained and Path(str(pretrained)).exists():
+        with contextlib.suppress(UserError):
+            base = title(resolve(pretrained))
+    decay = spec.get("layer_decay")
+    return f"{base} fine-tuned" + (f" ld={decay}" if decay is not None else "")
 
 
 def _unique(titles: list[str]) -> list[str]:

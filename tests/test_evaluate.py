@@ -230,6 +230,10 @@ def _imagenet_root(root: Path, with_val: bool) -> int:
         _png(root / "val" / wnids[k] / "a.png", 30)
         for i in range(4):
             _png(root / "val" / wnids[i + 500] / f"{i}.png", 60 * i)  # val: 1 of 5
+        # IN-C: three of the 75 subsets, one image each: right, wrong, right.
+        _png(root / "imagenet-c" / "gaussian_noise" / "1" / wnids[k] / "0.png", 20)
+        _png(root / "imagenet-c" / "gaussian_noise" / "2" / wnids[500] / "0.png", 20)
+        _png(root / "imagenet-c" / "fog" / "5" / wnids[k] / "0.png", 20)
     return k
 
 
@@ -271,11 +275,23 @@ def test_imagenet_variants_robust_accuracy_on_val(tmp_path: Path) -> None:
         "robust.max_images=null",
     )
     results = evaluate(cfg, tmp_path / "out", warn=lambda m: None)
-    assert list(results["sets"]) == ["imagenet_val", "imagenet_a", "imagenet_r"]
-    assert results["sets"]["imagenet_val"] == {"top1": 0.2, "images": 5}
-    assert results["average"]["sets"] == 3 and results["average"]["top1"] == pytest.approx(
-        (0.2 + 0.75 + 0.5) / 3
-    )
+    sets = results["sets"]
+    assert list(sets) == [
+        "imagenet_val",
+        "imagenet_a",
+        "imagenet_r",
+        "imagenet_c",
+        "imagenet_c/gaussian_noise",
+        "imagenet_c/fog",
+    ]
+    assert sets["imagenet_val"] == {"top1": 0.2, "images": 5}
+    # IN-C: the mean over the subsets present (group_mean), and per corruption the mean over its severities.
+    assert sets["imagenet_c"] == {"top1": pytest.approx(2 / 3), "images": 3, "subsets": 3}
+    assert sets["imagenet_c/gaussian_noise"]["severities"] == {"1": 1.0, "2": 0.0}
+    assert sets["imagenet_c/gaussian_noise"]["top1"] == 0.5 and sets["imagenet_c/fog"]["top1"] == 1.0
+    average = results["average"]
+    assert (average["sets"], average["of"]) == (4, 8)
+    assert average["top1"] == pytest.approx((0.2 + 0.75 + 0.5 + 2 / 3) / 4)
     # The output ignores the input, so no attack changes it: robust accuracy = clean accuracy on val.
     assert results["robust_set"] == "imagenet_val"
     assert all(

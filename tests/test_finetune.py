@@ -276,7 +276,7 @@ def bad_files(pretrain_run: Path, tmp_path: Path) -> Path:
         (["pretrained=FILES/not_vit.safetensors"], "does not fit its model"),
         (
             [],
-            "pretrained=latest found no outputs/pretrain/**/encoder.safetensors here: run `advpt pretrain` first",
+            "found no outputs/pretrain/**/encoder.safetensors here: run `advpt pretrain` first",
         ),
         (["pretrained=RUN", "model=vit_tiny_patch4_32"], "is not the architecture of pretrained="),
         (["pretrained=none", "layer_decay=0"], "layer_decay=0 is out of range: use 0 < γ <= 1"),

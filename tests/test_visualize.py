@@ -93,8 +93,14 @@ def test_titles_from_config_else_folder(tmp_path: Path) -> None:
     lone.parent.mkdir()
     save_file(vit_state(num_classes=10), str(lone))
     assert title(lone) == "weights"
-    (lone.parent / "model.json").write_text(json.dumps({"layer_decay": 0.65}))
-    assert title(lone) == "weights fine-tuned ld=0.65"
+    (lone.parent / "model.json").write_text(json.dumps({"layer_decay": 0.65, "pretrained": "none"}))
+    assert title(lone) == "scratch fine-tuned ld=0.65"
+    # A fine-tuned model is named after its pre-training run, whichever file of it is given.
+    spec = {"layer_decay": 0.75, "pretrained": str(tmp_path / "b" / "encoder.safetensors")}
+    (lone.parent / "model.json").write_text(json.dumps(spec))
+    assert title(lone) == "byol l2 0.5 fine-tuned ld=0.75"
+    (lone.parent / "checkpoints").mkdir()
+    assert title(lone.parent / "checkpoints" / "last.ckpt") == "byol l2 0.5 fine-tuned ld=0.75"
 
 
 def test_panels_side_by_side_widen_the_figure(tmp_path: Path) -> None:

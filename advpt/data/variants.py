@@ -56,25 +56,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from advpt.data.corruptions import CORRUPTIONS
+
 NUM_CLASSES = 1000
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_C_CORRUPTIONS = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
+IMAGENET_C_CORRUPTIONS = CORRUPTIONS  # the same 15, in the published order
 IMAGENET_C_SEVERITIES = (1, 2, 3, 4, 5)
 
 # Conventional folder name first, then accepted aliases.
