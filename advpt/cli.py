@@ -19,6 +19,14 @@ COMMANDS = {
         "advpt.finetune",
         "fine-tune a pre-trained encoder (AdamW + layer-wise lr decay) or transfer it (optim=sgd_transfer)",
     ),
+    "evaluate": (
+        "advpt.evaluate",
+        "clean, shifted and robust top-1 of a fine-tuned model (suite=auto|imagenet_variants); results.json",
+    ),
+    "visualize": (
+        "advpt.visualize",
+        "PCA of patch-embedding filters, one panel per checkpoint (paper Fig. 4); filters.png",
+    ),
 }
 
 USAGE = "usage: advpt <command> [key=value ...] [-m] [--help] [--cfg job]\n\ncommands:\n" + "\n".join(

@@ -498,6 +498,7 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
         raise UserError(f"num_workers={workers} is invalid: expected an integer >= 0 (or null)")
     _optional_cap(cfg.max_images, "max_images")
+    _optional_cap(cfg.subset_max_images, "subset_max_images")
     _precision(cfg.precision)
     if cfg.robust.enabled:
         robust_specs(cfg.robust, size)
@@ -553,9 +554,17 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
             pin_memory=device.type == "cuda",
         )
 
+    def cap(s: EvalSet) -> int | None:
+        """``max_images``, and for the 75 generated corruption subsets also ``subset_max_images``."""
+        caps = [cfg.max_images]
+        if cfg.suite == "auto" and s.name != s.group:
+            caps.append(cfg.subset_max_images)
+        given = [int(c) for c in caps if c is not None]
+        return min(given) if given else None
+
     scores: dict[str, Score] = {}
     for s in tqdm(sets, desc="evaluate", unit="set", disable=None, file=sys.stderr):
-        score = clean_score(model, s, loader(capped(s.dataset, cfg.max_images, seed)), dtype)
+        score = clean_score(model, s, loader(capped(s.dataset, cap(s), seed)), dtype)
         if score.images == 0:
             note(f"{s.name}: skipped, no image with a label to score")
             continue

@@ -8,14 +8,12 @@ and Steiner et al.'s SGD transfer (App. E). The result is a plain timm classifie
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -401,11 +399,11 @@ class FineTuner(L.LightningModule):
         return self.net(x)
 
     def on_train_epoch_start(self) -> None:
-        # As in pre-training: randomness (mixup, cutmix, drop path, RandAugment) follows (seed, epoch).
-        seed = self.seed * 100_003 + self.current_epoch
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)  # timm's mixup / cutmix draw from numpy
-        random.seed(seed)  # RandAugment and random erasing draw from Python's generator
+        from advpt.data.module import seed_epoch
+
+        seed_epoch(
+            self.seed, self.current_epoch
+        )  # mixup, cutmix, drop path, RandAugment follow (seed, epoch)
 
     def targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Mixup / cutmix (timm, on even batches) and label smoothing."""

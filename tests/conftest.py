@@ -21,8 +21,24 @@ def micro() -> dict:
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_one_thread():
+    # Tiny models are overhead-bound: one thread is faster, and immune to a busy 2-core machine.
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(args: list[str]) -> int:
+    """``advpt ARGS`` in-process; returns the exit code."""
+    from advpt.cli import main
+
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 def make_method(name: str, attack: dict | None = None, num_classes: int = 10, **method_overrides):

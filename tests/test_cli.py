@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from advpt.cli import main
+from conftest import run_cli
 
 FAST = [
     "model=vit_micro",
@@ -16,14 +15,6 @@ FAST = [
     "trainer.enable_progress_bar=false",
     "trainer.log_every_n_steps=1",
 ]
-
-
-def run_cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.mark.parametrize(

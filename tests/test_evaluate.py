@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from torch import Tensor, nn
 
@@ -18,26 +19,6 @@ from advpt.data.variants import imagenet_synsets, subset_indices
 from advpt.evaluate import evaluate, format_table, robust_accuracy, robust_specs
 
 MICRO = {"img_size": 16, "patch_size": 4, "global_pool": "avg", "embed_dim": 32, "depth": 2, "num_heads": 2}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models are overhead-bound: one thread is faster and immune to a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def registered(monkeypatch):
-    """``advpt evaluate`` in the CLI's command table (registered there by cli.py; added here if not yet)."""
-    from advpt import cli
-
-    if "evaluate" not in cli.COMMANDS:
-        monkeypatch.setitem(
-            cli.COMMANDS, "evaluate", ("advpt.evaluate", "clean, shifted and robust accuracy")
-        )
 
 
 def finetuned_run(
@@ -300,18 +281,10 @@ def test_imagenet_variants_robust_accuracy_on_val(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def run_cli(args: list[str]) -> int:
-    from advpt.cli import main
-
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.mark.slow
-def test_cli_evaluates_the_latest_finetuned_run(tmp_path: Path, monkeypatch, capsys, registered) -> None:
+def test_cli_evaluates_the_latest_finetuned_run(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     older = finetuned_run(tmp_path / "outputs" / "finetune" / "old")
     newest = finetuned_run(tmp_path / "outputs" / "finetune" / "sweep" / "new")
@@ -367,7 +340,7 @@ def pretrain_run(tmp_path: Path) -> Path:
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(
-    args, needle, tmp_path, monkeypatch, capsys, registered, pretrain_run
+    args, needle, tmp_path, monkeypatch, capsys, pretrain_run
 ) -> None:
     ft = finetuned_run(tmp_path / "ft")
     junk = tmp_path / "junk.safetensors"

@@ -13,11 +13,10 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-from conftest import load
+from conftest import load, run_cli
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from advpt.cli import main
 from advpt.config import compose
 from advpt.errors import UserError
 from advpt.finetune import (
@@ -33,14 +32,6 @@ from advpt.finetune import (
 
 FAST = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 MODEL_JSON_KEYS = {"name", "kwargs", "data", "num_classes", "pretrained", "layer_decay", "optim"}
-
-
-def run_cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

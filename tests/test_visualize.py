@@ -8,29 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from advpt.visualize import draw, patch_weight, resolve, title
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MICRO = {"img_size": 16, "patch_size": 4, "global_pool": "avg", "embed_dim": 32, "depth": 2, "num_heads": 2}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def registered(monkeypatch):
-    """``advpt visualize`` in the CLI's command table (registered there by cli.py; added here if not yet)."""
-    from advpt import cli
-
-    if "visualize" not in cli.COMMANDS:
-        monkeypatch.setitem(cli.COMMANDS, "visualize", ("advpt.visualize", "patch-embedding filters"))
 
 
 def vit_state(num_classes: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -112,18 +96,10 @@ def test_panels_side_by_side_widen_the_figure(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def run_cli(args: list[str]) -> int:
-    from advpt.cli import main
-
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.mark.slow
-def test_cli_draws_latest_and_a_list(tmp_path: Path, monkeypatch, capsys, registered) -> None:
+def test_cli_draws_latest_and_a_list(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     old = pretrain_run(tmp_path / "outputs" / "pretrain" / "mae-linf" / "old")
     new = pretrain_run(tmp_path / "outputs" / "pretrain" / "byol-l2" / "new", "byol", "l2", 0.5, seed=1)
@@ -154,9 +130,7 @@ def test_cli_draws_latest_and_a_list(tmp_path: Path, monkeypatch, capsys, regist
         ([], "run advpt pretrain first or pass checkpoint=PATH"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(
-    args, needle, tmp_path, monkeypatch, capsys, registered
-):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, needle, tmp_path, monkeypatch, capsys):
     from safetensors.torch import save_file
 
     run = pretrain_run(tmp_path / "run")

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from advpt.data.sources import build_source, num_classes
 from advpt.data.transforms import pretrain_views
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed torch, numpy (timm's mixup / cutmix) and Python (RandAugment) from (seed, epoch).
+
+    Called at every epoch start, it makes the in-step randomness (masks, rotations, attack starts,
+    mixing) of a run resumed at an epoch boundary repeat that of the uninterrupted run.
+    """
+    value = seed * 100_003 + epoch
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
 
 
 class EpochSampler(Sampler):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
@@ -17,6 +15,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import Tensor
 
 from advpt.attacks import Attack, LossFn, frozen, pgd
+from advpt.data.module import seed_epoch
 from advpt.models import Encoder
 
 
@@ -46,12 +45,7 @@ class PretrainMethod(L.LightningModule):
         self.seed = seed
 
     def on_train_epoch_start(self) -> None:
-        # Randomness (augmentations, masks, rotations, attack starts) is a function of (seed, epoch),
-        # so a run resumed from an epoch-end checkpoint repeats the uninterrupted run exactly.
-        seed = self.seed * 100_003 + self.current_epoch
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)  # timm's mixup / cutmix draw from numpy
-        random.seed(seed)
+        seed_epoch(self.seed, self.current_epoch)
 
     # -- the attack -------------------------------------------------------------------------
     def attacked(self, loss_fn: LossFn, x: Tensor, support: Tensor | None = None) -> Tensor:
