@@ -559,7 +559,7 @@ def export_classifier(module: FineTuner, cfg: DictConfig, directory: Path) -> Pa
 
 def fit(cfg: DictConfig, run_dir: Path) -> FineTuner:
     """Fine-tune as configured, writing checkpoints, metrics, config and the classifier into ``run_dir``."""
-    from advpt.pretrain import ImagesPerSecond, LastCheckpoint, build_loggers
+    from advpt.pretrain import build_trainer
 
     cfg = check(cfg, touch_data=False)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -582,13 +582,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> FineTuner:
     )
     if cfg.pretrained != "none":
         load_backbone(module.vit, load_encoder_state(Path(cfg.pretrained)))
-    checkpoint = LastCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every_n_steps))
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        default_root_dir=str(run_dir),
-        logger=build_loggers(cfg, run_dir),
-        callbacks=[checkpoint, ImagesPerSecond()],
-    )
+    trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
     # A run that stops mid-epoch (max_steps) is still scored on its final weights.
     if data.val_source is not None and module.validated_at != trainer.global_step:

@@ -107,6 +107,22 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     return loggers
 
 
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    """The Trainer of a run: ``cfg.trainer`` arguments, our loggers, ``last.ckpt`` and throughput callbacks."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # LastCheckpoint keeps checkpoints/last.ckpt; Lightning's default callback would write a second copy.
+    kwargs.setdefault("enable_checkpointing", False)
+    return L.Trainer(
+        **kwargs,
+        default_root_dir=str(run_dir),
+        logger=build_loggers(cfg, run_dir),
+        callbacks=[
+            LastCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every_n_steps)),
+            ImagesPerSecond(),
+        ],
+    )
+
+
 def build_module(cfg: DictConfig, num_classes: int) -> PretrainMethod:
     method = METHODS[cfg.method.name]
     return method(
@@ -131,13 +147,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> PretrainMethod:
         cfg.data, views=cfg.method.views, image_size=int(cfg.model.img_size), seed=int(cfg.seed)
     )
     module = build_module(cfg, data.num_classes)
-    checkpoint = LastCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every_n_steps))
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        default_root_dir=str(run_dir),
-        logger=build_loggers(cfg, run_dir),
-        callbacks=[checkpoint, ImagesPerSecond()],
-    )
+    trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
     if trainer.is_global_zero:
         module.export_encoder(run_dir)
