@@ -72,6 +72,13 @@ class LastCheckpoint(Callback):
         self.save(trainer)
 
 
+def wandb_id() -> str:
+    """A fresh wandb run id (wandb's own generator is not public API)."""
+    import secrets
+
+    return secrets.token_hex(4)
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     from lightning.pytorch.loggers import CSVLogger
 
@@ -90,8 +97,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
         if offline is None:  # offline unless credentials are configured
             offline = not (os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").exists())
         # The run id is kept in the run directory so a resumed job continues the same wandb run.
+        # The run id is kept beside the run, and read back from the resumed run's directory, so a
+        # resumed or requeued job continues the same wandb run instead of starting a new one.
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else None
+        previous = [id_file]
+        if cfg.get("resume"):
+            previous.append(Path(str(cfg.resume)).resolve().parent.parent / "wandb_id.txt")
+        found = next((p for p in previous if p.is_file()), None)
+        run_id = found.read_text().strip() if found else wandb_id()
         logger = WandbLogger(
             project=cfg.logger.project,
             entity=cfg.logger.entity,
@@ -102,7 +115,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
             tags=list(cfg.logger.tags),
             config=OmegaConf.to_container(cfg, resolve=True),
         )
-        id_file.write_text(str(logger.version))
+        id_file.write_text(run_id)
         loggers.append(logger)
     return loggers
 

@@ -45,6 +45,70 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, needle, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cifar_absent_and_offline_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    import urllib.error
+
+    from torchvision.datasets import CIFAR10
+
+    def offline(self) -> None:
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["pretrain", "data=cifar10", "data.root=cifar"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cifar10 is not under data.root=cifar" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_imagefolder_tree_pretrains(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        (tmp_path / "tree" / label).mkdir(parents=True)
+        for i in range(4):
+            colour = (40 * i, 200 if label == "cat" else 20, 90)
+            Image.new("RGB", (20 + i, 18), colour).save(tmp_path / "tree" / label / f"{i}.png")
+    run_dir = tmp_path / "run"
+    args = [
+        "pretrain",
+        "method=supervised",
+        "data=imagefolder",
+        f"data.root={tmp_path / 'tree'}",
+        "data.batch_size=4",
+    ]
+    assert run_cli([*args, "data.num_workers=0", *FAST, f"hydra.run.dir={run_dir}"]) == 0
+    assert (run_dir / "encoder.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_wandb_logger_runs_offline_and_keeps_its_run_id(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials
+    run_dir = tmp_path / "run"
+    assert run_cli(["pretrain", "logger=wandb", *FAST, f"hydra.run.dir={run_dir}"]) == 0
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert run_id and any(run_dir.glob(f"wandb/offline-run-*-{run_id}"))
+    resumed = tmp_path / "resumed"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert (
+        run_cli(
+            [
+                "pretrain",
+                "logger=wandb",
+                *FAST,
+                "trainer.max_steps=2",
+                f"resume={ckpt}",
+                f"hydra.run.dir={resumed}",
+            ]
+        )
+        == 0
+    )
+    assert (resumed / "wandb_id.txt").read_text().strip() == run_id  # the same wandb run continues
+
+
 def test_unknown_command_and_usage(capsys) -> None:
     assert run_cli(["train"]) == 2
     assert "unknown command 'train'" in capsys.readouterr().err

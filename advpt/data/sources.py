@@ -6,6 +6,7 @@ transforms turn it into float pixels in [0, 1].
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,12 @@ def _cifar(name: str, root: Path, train: bool, download: bool) -> Dataset:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if name == "cifar10" else CIFAR100
+    existed = root.exists()
     try:
         return cls(str(root), train=train, download=download)
     except (RuntimeError, OSError) as e:  # absent and (offline or download disabled)
+        if not existed:  # leave nothing behind: torchvision made the folder before failing
+            shutil.rmtree(root, ignore_errors=True)
         folder = cls.base_folder
         raise UserError(
             f"{name} is not under data.root={root} (expected {root / folder}) and could not be downloaded "
