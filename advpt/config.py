@@ -120,19 +120,22 @@ def check_pretrain(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
         check_attack(cfg)
         if cfg.method.name == "mae" and not 0 < float(cfg.method.mask_ratio) < 1:
             raise UserError(f"method.mask_ratio={cfg.method.mask_ratio} must be strictly between 0 and 1")
-        if cfg.model.img_size % cfg.model.patch_size:
-            raise UserError(
-                f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size={cfg.model.patch_size}"
-            )
-        check_trainer(cfg.trainer)
-        _positive_int(cfg.checkpoint_every_n_steps, "checkpoint_every_n_steps")
-        if cfg.resume is not None and not Path(str(cfg.resume)).is_file():
-            raise UserError(
-                f"resume={cfg.resume} is not a checkpoint file (give a run's checkpoints/last.ckpt)"
-            )
-        if touch_data:
-            check_data(cfg)
+        check_run(cfg, touch_data)
     return cfg
+
+
+def check_run(cfg: DictConfig, touch_data: bool = True) -> None:
+    """What every training command checks: model geometry, Trainer arguments, checkpointing, resume, data."""
+    if cfg.model.img_size % cfg.model.patch_size:
+        raise UserError(
+            f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size={cfg.model.patch_size}"
+        )
+    check_trainer(cfg.trainer)
+    _positive_int(cfg.checkpoint_every_n_steps, "checkpoint_every_n_steps")
+    if cfg.resume is not None and not Path(str(cfg.resume)).is_file():
+        raise UserError(f"resume={cfg.resume} is not a checkpoint file (give a run's checkpoints/last.ckpt)")
+    if touch_data:
+        check_data(cfg)
 
 
 # -- composing ---------------------------------------------------------------------------------

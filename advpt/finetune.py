@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from advpt.config import CONF_DIR, _positive_int, check_data, check_trainer, parse_number
+from advpt.config import CONF_DIR, _positive_int, check_run, parse_number
 from advpt.errors import UserError
 from advpt.models import IMAGENET_MEAN, IMAGENET_STD, Encoder, timm_kwargs
 
@@ -516,19 +516,7 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
                 )
         cfg.pretrained = str(source.path) if source.path is not None else "none"
         cfg.model = model
-        if cfg.model.img_size % cfg.model.patch_size:
-            raise UserError(
-                f"model.img_size={cfg.model.img_size} is not a multiple of "
-                f"model.patch_size={cfg.model.patch_size}"
-            )
-        check_trainer(cfg.trainer)
-        _positive_int(cfg.checkpoint_every_n_steps, "checkpoint_every_n_steps")
-        if cfg.resume is not None and not Path(str(cfg.resume)).is_file():
-            raise UserError(
-                f"resume={cfg.resume} is not a checkpoint file (give a run's checkpoints/last.ckpt)"
-            )
-        if touch_data:
-            check_data(cfg)
+        check_run(cfg, touch_data)
     return cfg
 
 
