@@ -222,3 +222,29 @@ def test_resumed_run_equals_uninterrupted_run(method: str, attack: str, tmp_path
     assert any(not torch.equal(a[k], c[k]) for k in a), "the second epoch must change the weights"
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_clean_loss_is_measured_on_the_steps_lightning_logs(tmp_path: Path, monkeypatch) -> None:
+    """The clean-loss diagnostic runs exactly on the steps whose metrics Lightning writes, never stale."""
+    import csv
+
+    from advpt.methods.mae import MAE
+
+    agree = []
+    step = MAE.training_step
+
+    def spy(self, batch, batch_idx):
+        agree.append(self._logging_step() == self.trainer._logger_connector.should_update_logs)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(MAE, "training_step", spy)
+    run_dir = tmp_path / "run"
+    args = ["pretrain", "method=mae", "attack=l2", "eps=1.0", "model=vit_micro", "data.batch_size=32"]
+    extra = ["trainer.max_steps=12", "trainer.log_every_n_steps=3", "trainer.enable_progress_bar=false"]
+    assert run_cli([*args, *extra, f"hydra.run.dir={run_dir}"]) == 0
+    assert len(agree) == 12 and all(agree)
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert len(rows) == 4
+    for row in rows:  # same batch and mask: the attack shows in every row
+        assert float(row["train/loss_clean"]) < float(row["train/loss_adv"]), row

@@ -61,8 +61,11 @@ class PretrainMethod(L.LightningModule):
         return x + delta
 
     def _logging_step(self) -> bool:
+        """Whether Lightning writes this step's metrics (its rule: the (n+1)-th optimiser step, n = log interval)."""
         trainer = self._trainer
-        return trainer is not None and self.global_step % max(1, trainer.log_every_n_steps) == 0
+        if trainer is None:
+            return False
+        return (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
 
     def reduce(self, per_example: Tensor) -> Tensor:
         """Batch loss from per-example losses (a mean unless the method says otherwise)."""
