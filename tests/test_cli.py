@@ -157,10 +157,12 @@ def test_one_step_run_writes_its_outputs(method: str, attack: str, tmp_path: Pat
     columns = set(rows[0]) if rows else set()
     assert {"train/loss", "train/images_per_s"} <= columns
     if attack != "none":
-        assert {"train/loss_clean", "train/loss_adv", "train/delta_norm"} <= columns
+        assert {"train/loss_clean", "train/loss_attacked", "train/delta_norm"} <= columns
         norms = [float(r["train/delta_norm"]) for r in rows if r["train/delta_norm"]]
         bound = 2 / 255 if attack == "linf" else 0.5
         assert norms and all(0 < n <= bound + 1e-6 for n in norms)
+        for row in rows:  # both measured in eval mode on the same batch: the attack raised the loss
+            assert float(row["train/loss_attacked"]) > float(row["train/loss_clean"]), row
 
 
 @pytest.mark.slow
@@ -247,4 +249,4 @@ def test_clean_loss_is_measured_on_the_steps_lightning_logs(tmp_path: Path, monk
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert len(rows) == 4
     for row in rows:  # same batch and mask: the attack shows in every row
-        assert float(row["train/loss_clean"]) < float(row["train/loss_adv"]), row
+        assert float(row["train/loss_clean"]) < float(row["train/loss_attacked"]), row

@@ -55,9 +55,11 @@ class PretrainMethod(L.LightningModule):
         delta = pgd(loss_fn, x, self.attack, model=self, support=support)
         self.log("train/delta_norm", self.attack.threat.norm(delta.float()).mean(), batch_size=x.shape[0])
         if self._logging_step():
-            # Diagnostic only, on logging steps: the same loss at the clean input, in attack conditions.
+            # Diagnostic, on logging steps only: the attack's loss at the clean and at the attacked
+            # input, both in the attack's (eval) mode so they compare even with batch norm (BYOL).
             with torch.no_grad(), frozen(self):
                 self.log("train/loss_clean", self.reduce(loss_fn(x)), batch_size=x.shape[0])
+                self.log("train/loss_attacked", self.reduce(loss_fn(x + delta)), batch_size=x.shape[0])
         return x + delta
 
     def _logging_step(self) -> bool:
@@ -72,8 +74,7 @@ class PretrainMethod(L.LightningModule):
         return per_example.float().mean()
 
     def log_loss(self, loss: Tensor, batch_size: int) -> None:
-        name = "train/loss_adv" if self.attack is not None else "train/loss_clean"
-        self.log(name, loss.detach(), batch_size=batch_size)
+        """The optimised loss: at the attacked input when attacking, at the clean input otherwise."""
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
 
     # -- optimisation -----------------------------------------------------------------------
