@@ -72,6 +72,37 @@ class LastCheckpoint(Callback):
         self.save(trainer)
 
 
+class ExampleImages(Callback):
+    """At each epoch end (and at the end of training), sends the method's figures (adversarial
+    examples, MAE reconstructions) to the image-capable loggers (wandb, TensorBoard)."""
+
+    def __init__(self) -> None:
+        self._logged_at = -1
+
+    def send(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger | WandbLogger)]
+        step = trainer.global_step
+        if not trainer.is_global_zero or not loggers or step == self._logged_at:
+            return
+        self._logged_at = step
+        figures = pl_module.example_images() if hasattr(pl_module, "example_images") else {}
+        for name, images in figures.items():
+            images = images.detach().float().cpu()
+            for logger in loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key=f"images/{name}", images=list(images), step=step)
+                else:
+                    logger.experiment.add_images(f"images/{name}", images, step)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.send(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.send(trainer, pl_module)
+
+
 def wandb_id() -> str:
     """A fresh wandb run id (wandb's own generator is not public API)."""
     import secrets
@@ -132,6 +163,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         callbacks=[
             LastCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every_n_steps)),
             ImagesPerSecond(),
+            ExampleImages(),
         ],
     )
 

@@ -109,6 +109,22 @@ def test_wandb_logger_runs_offline_and_keeps_its_run_id(tmp_path: Path, monkeypa
     assert (resumed / "wandb_id.txt").read_text().strip() == run_id  # the same wandb run continues
 
 
+@pytest.mark.slow
+def test_tensorboard_logger_gets_metrics_and_figures(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    assert run_cli(["pretrain", "logger=tensorboard", *FAST, f"hydra.run.dir={run_dir}"]) == 0
+    (events,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"images": 0})
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"]
+    images = set(acc.Tags()["images"])
+    assert any("adversarial_examples" in t for t in images) and any(
+        "mae_reconstructions" in t for t in images
+    )
+
+
 def test_unknown_command_and_usage(capsys) -> None:
     assert run_cli(["train"]) == 2
     assert "unknown command 'train'" in capsys.readouterr().err

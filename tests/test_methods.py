@@ -183,3 +183,29 @@ def test_weight_decay_skips_biases_norms_and_embeddings() -> None:
     ):
         assert id(named[name]) in no_decay, name
     assert id(named["encoder.vit.blocks.0.attn.qkv.weight"]) not in no_decay
+
+
+def test_mae_reconstruction_figure_keeps_visible_patches() -> None:
+    module = make_method("mae")
+    module.eval()
+    images = torch.rand(3, 3, 16, 16)
+    figure = module.reconstructions(images)
+    assert figure.shape == (3, 3, 16, 48)
+    masked, pasted, original = figure.split(16, dim=-1)
+    assert torch.equal(original, images)
+    shown = patchify(masked, 4).abs().amax(-1) > 0  # the patches the masked panel shows are the visible ones
+    assert shown.float().mean(1).allclose(torch.full((3,), 0.25))
+    # Visible patches of the reconstruction panel are the original pixels, masked ones are predicted.
+    same = (patchify(pasted, 4) == patchify(images, 4)).all(-1)
+    assert torch.equal(same, shown)
+
+
+def test_adversarial_example_figure_shows_the_attack(record_pgd) -> None:
+    module = make_method("rotnet", attack={"norm": "linf", "eps": 8 / 255, "steps": 2})
+    assert module.example_images() == {}
+    module.training_step(batch_for("rotnet"), 0)
+    (figure,) = module.example_images().values()
+    clean, attacked, shown = figure.split(16, dim=-1)
+    (call,) = record_pgd
+    torch.testing.assert_close(attacked - clean, call["delta"][:8], atol=1e-6, rtol=0)
+    assert shown.min() >= 0 and shown.max() <= 1

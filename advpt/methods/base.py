@@ -53,6 +53,7 @@ class PretrainMethod(L.LightningModule):
         if self.attack is None:
             return x
         delta = pgd(loss_fn, x, self.attack, model=self, support=support)
+        self._example = (x[:8].detach(), delta[:8].detach())  # for the adversarial-example figure
         self.log("train/delta_norm", self.attack.threat.norm(delta.float()).mean(), batch_size=x.shape[0])
         if self._logging_step():
             # Diagnostic, on logging steps only: the attack's loss at the clean and at the attacked
@@ -61,6 +62,19 @@ class PretrainMethod(L.LightningModule):
                 self.log("train/loss_clean", self.reduce(loss_fn(x)), batch_size=x.shape[0])
                 self.log("train/loss_attacked", self.reduce(loss_fn(x + delta)), batch_size=x.shape[0])
         return x + delta
+
+    def example_images(self) -> dict[str, Tensor]:
+        """Figures for image loggers, each [N, 3, H, W'] in [0, 1]: here clean | attacked | perturbation.
+
+        The perturbation is shown rescaled to its own range (it is far too small to see otherwise).
+        """
+        example = getattr(self, "_example", None)
+        if example is None:
+            return {}
+        x, delta = example
+        scale = delta.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        shown = 0.5 + 0.5 * delta / scale
+        return {"adversarial_examples": torch.cat([x, (x + delta).clamp(0, 1), shown], dim=-1).float()}
 
     def _logging_step(self) -> bool:
         """Whether Lightning writes this step's metrics (its rule: the (n+1)-th optimiser step, n = log interval)."""
