@@ -439,9 +439,9 @@ class FineTuner(L.LightningModule):
     @property
     def lr(self) -> float:
         """Absolute peak lr: the recipe's lr at ``lr_batch`` images, scaled linearly to the batch."""
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
-        world = self.trainer.world_size if self._trainer else 1
-        batch = self.batch_size * accumulate * world
+        from advpt.methods.base import effective_batch
+
+        batch = effective_batch(self, self.batch_size)
         return float(self.optim_cfg["lr"]) * batch / float(self.optim_cfg["lr_batch"])
 
     def configure_optimizers(self) -> Any:

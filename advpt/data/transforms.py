@@ -12,10 +12,6 @@ from torchvision.transforms import v2 as T
 BICUBIC = InterpolationMode.BICUBIC
 
 
-def _to_float() -> list[Any]:
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
-
-
 def crop_flip(size: int, scale: tuple[float, float]) -> T.Compose:
     return T.Compose(
         [

@@ -19,6 +19,14 @@ from advpt.data.module import seed_epoch
 from advpt.models import Encoder
 
 
+def effective_batch(module: L.LightningModule, batch_size: int) -> int:
+    """Images per optimiser step: per-device batch x gradient accumulation x devices."""
+    trainer = module._trainer
+    if trainer is None:
+        return batch_size
+    return batch_size * trainer.accumulate_grad_batches * trainer.world_size
+
+
 class PretrainMethod(L.LightningModule):
     """Base LightningModule: holds the encoder and the attack; subclasses write ``training_step``.
 
@@ -95,10 +103,7 @@ class PretrainMethod(L.LightningModule):
     @property
     def lr(self) -> float:
         """Absolute lr from the base lr per 256 images (He et al. 2022's scaling rule)."""
-        m = self.method_cfg
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
-        world = self.trainer.world_size if self._trainer else 1
-        return float(m["base_lr"]) * self.batch_size * accumulate * world / 256.0
+        return float(self.method_cfg["base_lr"]) * effective_batch(self, self.batch_size) / 256.0
 
     def configure_optimizers(self) -> Any:
         m = self.method_cfg
