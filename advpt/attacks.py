@@ -29,8 +29,9 @@ class LinfThreat:
 
     name = "linf"
 
-    def random_init(self, x: Tensor, eps: float) -> Tensor:
-        return torch.empty_like(x).uniform_(-eps, eps)
+    def random_init(self, x: Tensor, eps: float, support: Tensor | None = None) -> Tensor:
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+        return delta if support is None else delta * support
 
     def step(self, delta: Tensor, grad: Tensor, step_size: float) -> Tensor:
         return delta + step_size * grad.sign()
@@ -47,13 +48,20 @@ class L2Threat:
 
     name = "l2"
 
-    def random_init(self, x: Tensor, eps: float) -> Tensor:
-        # Uniform in the d-ball: gaussian direction, radius eps * U^(1/d).
+    def random_init(self, x: Tensor, eps: float, support: Tensor | None = None) -> Tensor:
+        # Uniform in the ball of the supported coordinates (dimension d per example): gaussian
+        # direction there, radius eps * U^(1/d). Masking a full-image draw instead would start
+        # at about eps * sqrt(supported fraction), deep inside the ball.
         direction = torch.randn_like(x)
+        if support is None:
+            d = torch.full((x.shape[0],), float(x[0].numel()), device=x.device)
+        else:
+            support = torch.broadcast_to(support.to(x.dtype), x.shape)
+            direction = direction * support
+            d = support.flatten(1).sum(dim=1).clamp_min(1.0)
         direction = direction / _flat_norm(direction, 2).clamp_min(1e-12)
-        d = x[0].numel()
-        radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype) ** (1.0 / d)
-        return direction * (eps * radius).view(-1, *([1] * (x.dim() - 1)))
+        radius = torch.rand(x.shape[0], device=x.device) ** (1.0 / d.float())
+        return direction * (eps * radius).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
     def step(self, delta: Tensor, grad: Tensor, step_size: float) -> Tensor:
         return delta + step_size * grad / _flat_norm(grad, 2).clamp_min(1e-12)
@@ -136,7 +144,8 @@ def pgd(
     ``loss_fn(x_adv)`` returns the per-example loss (shape ``[B]``) or a scalar sum of them; every
     example is attacked independently. ``model`` is switched to eval mode during the attack and
     restored afterwards. ``support`` (broadcastable to ``x``, 0/1) restricts the perturbation to
-    part of the input, e.g. MAE's visible patches; norms are then taken over that part only.
+    part of the input, e.g. MAE's visible patches; norms are then taken over that part only and the
+    random start is uniform in the ball of that part.
     Only the gradient with respect to the input is computed (``torch.autograd.grad``), so no
     parameter ``.grad`` is touched and no weight gradient is evaluated.
     """
@@ -159,7 +168,7 @@ def pgd(
     best_delta, best_loss = None, None
     with frozen(model), torch.enable_grad():
         for _ in range(attack.restarts):
-            delta = threat.random_init(work, eps) if attack.random_start else torch.zeros_like(work)
+            delta = threat.random_init(work, eps, support) if attack.random_start else torch.zeros_like(work)
             delta = constrain(delta)
             for _ in range(attack.steps):
                 delta.requires_grad_(True)

@@ -4,17 +4,20 @@ One architecture serves every method (paper App. C): a timm ``VisionTransformer`
 ``global_pool="avg"``, i.e. the classifier reads the mean of the final tokens excluding the class
 token, followed by ``fc_norm`` (MAE's fine-tuning model). Its state dict is a plain timm state dict,
 so encoder weights load into ``timm.create_model(name, **kwargs)`` by name.
+
+MAE pre-training re-initialises that ViT as MAE does (:func:`mae_initialize`: fixed 2-D sin-cos
+positions, xavier-uniform linears); the exported weights still form a plain timm state dict.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import timm
 import torch
-from timm.layers import build_sincos2d_pos_embed
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,6 +66,10 @@ class Encoder(nn.Module):
 
     def normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Inverse of :meth:`normalize`: back to [0,1] pixels."""
+        return x * self.std.to(x.dtype) + self.mean.to(x.dtype)
 
     def features(self, x: Tensor) -> Tensor:
         """Pooled representation: mean of the final patch tokens, then ``fc_norm``."""
@@ -119,6 +126,61 @@ def patch_mask_to_pixels(visible: Tensor, grid: tuple[int, int], patch_size: int
     return m.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
 
 
+def sincos_pos_embed(dim: int, grid: tuple[int, int], prefix_tokens: int = 1) -> Tensor:
+    """MAE's fixed 2-D sin-cos position embedding, [1, prefix_tokens + H*W, dim] (``get_2d_sincos_pos_embed``).
+
+    Patches in row-major order; the first half of the channels encodes the column, the second half
+    the row, each as [sin | cos] of position x 1/10000^(k/(dim/4)); class-token slots are zeros.
+    (timm's ``build_sincos2d_pos_embed`` orders the channels differently, so it is not used.)
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+    )
+
+    def encode(position: Tensor) -> Tensor:
+        angle = position.reshape(-1, 1) * omega
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    patches = torch.cat([encode(cols), encode(rows)], dim=1)
+    return torch.cat([torch.zeros(prefix_tokens, dim, dtype=torch.float64), patches]).float().unsqueeze(0)
+
+
+def _mae_init_layer(m: nn.Module) -> None:
+    # MAE initialises every linear layer with xavier-uniform (after the JAX ViT) and resets LayerNorms.
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+        nn.init.ones_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def mae_initialize(vit: VisionTransformer) -> None:
+    """Initialise a timm ViT in place as MAE's pre-training does (``models_mae.py``, ``initialize_weights``).
+
+    The position embedding becomes the fixed sin-cos one and is not trained (``requires_grad`` off);
+    it stays the ViT's ``pos_embed`` so an exported encoder starts fine-tuning from it. The patch
+    projection is initialised as the linear layer it is, the class token from N(0, 0.02).
+    """
+    num_patches = vit.patch_embed.num_patches
+    pos = sincos_pos_embed(
+        vit.embed_dim, tuple(vit.patch_embed.grid_size), vit.pos_embed.shape[1] - num_patches
+    )
+    with torch.no_grad():
+        vit.pos_embed.copy_(pos)
+        weight = vit.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    vit.pos_embed.requires_grad_(False)
+    if vit.cls_token is not None:
+        nn.init.normal_(vit.cls_token, std=0.02)
+    vit.apply(_mae_init_layer)
+
+
 class MAEDecoder(nn.Module):
     """MAE's lightweight decoder: embed, fill masked positions with a mask token, transformer, predict pixels."""
 
@@ -134,23 +196,21 @@ class MAEDecoder(nn.Module):
         channels: int = 3,
     ) -> None:
         super().__init__()
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)  # MAE's decoder norms
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        # Fixed 2-D sin-cos positions as in MAE; class-token slot gets zeros.
-        pos = build_sincos2d_pos_embed(list(grid), dim=dim)
-        self.register_buffer(
-            "pos_embed", torch.cat([torch.zeros(1, dim), pos], 0).unsqueeze(0), persistent=False
-        )
+        # Fixed 2-D sin-cos positions as in MAE; a buffer, so never trained.
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, grid), persistent=False)
         self.blocks = nn.Sequential(
             *[
-                Block(dim, heads, mlp_ratio=mlp_dim / dim, qkv_bias=True, norm_layer=nn.LayerNorm)
+                Block(dim, heads, mlp_ratio=mlp_dim / dim, qkv_bias=True, norm_layer=norm_layer)
                 for _ in range(depth)
             ]
         )
-        self.norm = nn.LayerNorm(dim)
+        self.norm = norm_layer(dim)
         self.pred = nn.Linear(dim, patch_size * patch_size * channels)
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_init_linear)
+        self.apply(_mae_init_layer)
 
     def forward(self, tokens: Tensor, ids_keep: Tensor, num_patches: int) -> Tensor:
         """tokens [B, 1+n_keep, D_enc] -> pixel predictions for every patch [B, N, p*p*C]."""
@@ -161,13 +221,6 @@ class MAEDecoder(nn.Module):
         x = torch.cat([x[:, :1], full], dim=1) + self.pos_embed.to(x.dtype)
         x = self.norm(self.blocks(x))
         return self.pred(x[:, 1:])
-
-
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:

@@ -151,3 +151,37 @@ def test_zero_radius_is_no_perturbation_and_bad_settings_raise() -> None:
         Attack("linf", -0.1)
     with pytest.raises(ValueError):
         Attack("linf", 0.1, steps=0)
+
+
+def _random_pixel_support(n: int, size: int, visible: int) -> torch.Tensor:
+    """[n, 1, size, size] 0/1 masks with exactly ``visible`` pixels on per example, at random places."""
+    ranks = torch.rand(n, size * size).argsort(dim=1).argsort(dim=1)
+    return (ranks < visible).float().view(n, 1, size, size)
+
+
+def test_l2_random_start_is_uniform_in_the_ball_of_the_support() -> None:
+    # A quarter of the pixels supported: the start must be uniform in that d-ball (d = supported
+    # coordinates), i.e. (radius/eps)^d ~ U(0,1), not a full-image draw masked down to ~eps/2.
+    n, eps = 4000, 0.5
+    x = torch.full((n, 3, 8, 8), 0.5)
+    support = _random_pixel_support(n, 8, 16)
+    d = 3 * 16
+    flat = lambda z: z.flatten(1).sum(1) * 0.0  # noqa: E731 - zero gradient: PGD returns its start
+    delta = pgd(flat, x, Attack("l2", eps, steps=1), support=support)
+    assert (delta * (1 - support) == 0).all()
+    radius = delta.flatten(1).norm(dim=1).double() / eps
+    assert (radius <= 1 + 1e-5).all()
+    u = radius.clamp(max=1).pow(d).sort().values
+    ks = (u - torch.arange(1, n + 1, dtype=torch.float64) / n).abs().max()
+    assert ks < 0.035, f"(radius/eps)^d is not uniform: KS distance {ks:.3f}"
+    assert radius.mean() == pytest.approx(d / (d + 1), abs=0.005)
+
+
+def test_both_threats_start_inside_the_support_only() -> None:
+    x = torch.full((64, 3, 8, 8), 0.5)
+    support = _random_pixel_support(64, 8, 16)
+    for threat, eps in ((LinfThreat(), 8 / 255), (L2Threat(), 0.5)):
+        start = threat.random_init(x, eps, support)
+        assert (start * (1 - support) == 0).all(), threat.name
+        assert (start * support != 0).sum() == 64 * 3 * 16, threat.name
+        assert (threat.norm(start) <= eps * (1 + 1e-5)).all(), threat.name

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_method
+from test_models import mae_2d_sincos
 
 import advpt.methods.base as base
+import advpt.methods.mae as mae_module
 from advpt.methods.byol import byol_loss, cosine_momentum
 from advpt.methods.classify import rotate, soft_cross_entropy
-from advpt.methods.mae import mae_loss
-from advpt.models import patch_mask_to_pixels, patchify, random_visible
+from advpt.methods.mae import mae_loss, per_patch_normalized
+from advpt.models import IMAGENET_MEAN, IMAGENET_STD, patch_mask_to_pixels, patchify, random_visible
 
 L2 = {"norm": "l2", "eps": 1.0, "steps": 3}
 
@@ -37,19 +39,106 @@ def batch_for(name: str, n: int = 8, size: int = 16):
 
 # -- MAE ---------------------------------------------------------------------------------------
 def test_mae_loss_counts_masked_patches_only() -> None:
-    target = torch.rand(2, 16, 48)
+    target = per_patch_normalized(torch.rand(2, 16, 48))
     _, visible = random_visible(2, 16, 0.75)
     pred = torch.randn(2, 16, 48, requires_grad=True)
     loss = mae_loss(pred, target, visible)
     loss.sum().backward()
     assert (pred.grad[visible] == 0).all()
     assert (pred.grad[~visible].abs().sum(-1) > 0).all()
-    # A perfect prediction of the per-patch-normalised target on masked patches gives zero loss.
-    norm = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    garbage_on_visible = torch.where(visible.unsqueeze(-1), torch.randn_like(norm) * 100, norm)
+    # A perfect prediction on masked patches gives zero loss, whatever is predicted on visible ones.
+    garbage_on_visible = torch.where(visible.unsqueeze(-1), torch.randn_like(target) * 100, target)
     torch.testing.assert_close(
         mae_loss(garbage_on_visible, target, visible), torch.zeros(2), atol=1e-5, rtol=0
     )
+
+
+def mae_reference_patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """MAE's ``patchify`` (models_mae.py)."""
+    n, c, h, w = imgs.shape
+    x = imgs.reshape(n, c, h // p, p, w // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def mae_reference_target(images: torch.Tensor, p: int) -> torch.Tensor:
+    """MAE's target with ``norm_pix_loss``: the image normalised with the dataset mean/std (as
+    MAE's data pipeline does before the model), patchified, each patch to zero mean, unit variance."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    target = mae_reference_patchify((images - mean) / std, p)
+    mu, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+    return (target - mu) / (var + 1.0e-6) ** 0.5
+
+
+def test_mae_target_is_built_from_the_normalised_clean_image(monkeypatch) -> None:
+    # A decoder that outputs MAE's target exactly scores zero: the target comes from the
+    # mean/std-normalised image, not from [0,1] pixels.
+    module = make_method("mae")
+    (images,), labels = batch_for("mae")
+    perfect = mae_reference_target(images, module.encoder.patch_size)
+    monkeypatch.setattr(module, "reconstruct", lambda x, ids: perfect)
+    assert module.training_step(([images], labels), 0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mae_reconstructions_undo_the_target_normalisation(monkeypatch) -> None:
+    # With a perfect decoder the reconstruction panel is the original image in [0, 1].
+    module = make_method("mae")
+    images = torch.rand(3, 3, 16, 16)
+    perfect = mae_reference_target(images, module.encoder.patch_size)
+    monkeypatch.setattr(module, "reconstruct", lambda x, ids: perfect)
+    _, pasted, _ = module.reconstructions(images).split(16, dim=-1)
+    torch.testing.assert_close(pasted, images, atol=1e-5, rtol=0)
+
+
+def test_nominal_mae_loss_equals_maes_formulation(monkeypatch) -> None:
+    """MAE's forward_encoder / forward_decoder / forward_loss (models_mae.py), written out here on the
+    module's weights and the same random mask, give the loss the training step optimises."""
+    module = make_method("mae")
+    module.train()
+    (images,), labels = batch_for("mae")
+    drawn = []
+    real = mae_module.random_visible
+    monkeypatch.setattr(
+        mae_module, "random_visible", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1]
+    )
+    torch.manual_seed(7)
+    loss = module.training_step(([images], labels), 0)
+
+    vit, dec, p, mask_ratio = module.encoder.vit, module.decoder, module.encoder.patch_size, 0.75
+    imgs = (images - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    grid = imgs.shape[-1] // p
+    torch.manual_seed(7)  # MAE's random_masking, from the same noise
+    x = vit.patch_embed(imgs)
+    n, length, dim = x.shape
+    noise = torch.rand(n, length)
+    x = x + mae_2d_sincos(dim, grid)[:, 1:]
+    len_keep = int(length * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    assert torch.equal(ids_keep.sort(1).values, drawn[0][0].sort(1).values), "not the same mask"
+    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, dim))
+    mask = torch.ones(n, length)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    cls_token = vit.cls_token + mae_2d_sincos(dim, grid)[:, :1]
+    x = torch.cat([cls_token.expand(n, -1, -1), x], dim=1)
+    for blk in vit.blocks:
+        x = blk(x)
+    x = vit.fc_norm(x)  # MAE's final encoder norm (timm calls it fc_norm when pooling by the mean)
+    x = dec.embed(x)
+    mask_tokens = dec.mask_token.repeat(n, ids_restore.shape[1] + 1 - x.shape[1], 1)
+    x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1], x_], dim=1) + mae_2d_sincos(x.shape[-1], grid)
+    for blk in dec.blocks:
+        x = blk(x)
+    pred = dec.pred(dec.norm(x))[:, 1:]
+    target = mae_reference_target(images, p)
+    reference = (((pred - target) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-5)
 
 
 def test_patch_mask_to_pixels_matches_patchify_order() -> None:
@@ -168,21 +257,25 @@ def test_nominal_step_trains_every_online_parameter(name: str) -> None:
     assert not missing, missing
 
 
-def test_weight_decay_skips_biases_norms_and_embeddings() -> None:
-    module = make_method("mae")
+@pytest.mark.parametrize("name", ["mae", "rotnet"])
+def test_weight_decay_skips_biases_norms_and_embeddings(name: str) -> None:
+    module = make_method(name)
     from timm.optim import create_optimizer_v2
 
     opt = create_optimizer_v2(module, opt="adamw", lr=1e-3, weight_decay=0.05)
     no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    optimised = {id(p) for g in opt.param_groups for p in g["params"]}
     named = dict(module.named_parameters())
-    for name in (
-        "encoder.vit.pos_embed",
+    for key in (
         "encoder.vit.cls_token",
         "encoder.vit.blocks.0.norm1.weight",
         "encoder.vit.blocks.0.attn.qkv.bias",
     ):
-        assert id(named[name]) in no_decay, name
+        assert id(named[key]) in no_decay, key
     assert id(named["encoder.vit.blocks.0.attn.qkv.weight"]) not in no_decay
+    # MAE's positions are fixed (not optimised at all); the other methods learn them without decay.
+    pos = id(named["encoder.vit.pos_embed"])
+    assert (pos not in optimised) if name == "mae" else (pos in no_decay)
 
 
 def test_mae_reconstruction_figure_keeps_visible_patches() -> None:

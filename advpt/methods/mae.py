@@ -9,16 +9,30 @@ from torch import Tensor
 
 from advpt.attacks import frozen
 from advpt.methods.base import PretrainMethod
-from advpt.models import MAEDecoder, patch_mask_to_pixels, patchify, random_visible, unpatchify
+from advpt.models import (
+    MAEDecoder,
+    mae_initialize,
+    patch_mask_to_pixels,
+    patchify,
+    random_visible,
+    unpatchify,
+)
 
 
-def mae_loss(pred: Tensor, target_patches: Tensor, visible: Tensor, norm_pix: bool = True) -> Tensor:
-    """Per-example MSE over the masked patches only, against per-patch-normalised targets."""
-    if norm_pix:
-        mean = target_patches.mean(dim=-1, keepdim=True)
-        var = target_patches.var(dim=-1, keepdim=True)
-        target_patches = (target_patches - mean) / (var + 1e-6).sqrt()
-    per_patch = (pred.float() - target_patches.float()).pow(2).mean(dim=-1)
+def per_patch_normalized(patches: Tensor) -> Tensor:
+    """MAE's ``norm_pix_loss``: each patch [.., p*p*C] to zero mean and unit (unbiased) variance."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return (patches - mean) / (var + 1e-6).sqrt()
+
+
+def mae_loss(pred: Tensor, target: Tensor, visible: Tensor) -> Tensor:
+    """Per-example MSE over the masked patches only.
+
+    Every example has the same number of masked patches, so the batch mean of this equals MAE's
+    mean over all masked patches of the batch.
+    """
+    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
     masked = (~visible).float()
     return (per_patch * masked).sum(dim=1) / masked.sum(dim=1).clamp_min(1.0)
 
@@ -26,6 +40,9 @@ def mae_loss(pred: Tensor, target_patches: Tensor, visible: Tensor, norm_pix: bo
 class MAE(PretrainMethod):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # MAE's init and fixed sin-cos positions are part of the MAE method; BYOL, RotNet and
+        # supervised keep timm's ViT init and learned positions, as MAE's from-scratch baseline does.
+        mae_initialize(self.encoder.vit)
         dec = self.hparams.model["mae_decoder"]
         self.decoder = MAEDecoder(
             self.encoder.dim,
@@ -37,6 +54,13 @@ class MAE(PretrainMethod):
             mlp_dim=dec["mlp_dim"],
         )
         self.mask_ratio = float(self.method_cfg["mask_ratio"])
+        self.norm_pix = bool(self.method_cfg.get("norm_pix_loss", True))
+
+    def target_patches(self, images: Tensor) -> Tensor:
+        """What the decoder predicts: patches of the mean/std-normalised image (MAE normalises the
+        image before anything else), each normalised on its own when ``norm_pix_loss``."""
+        patches = patchify(self.encoder.normalize(images.float()), self.encoder.patch_size)
+        return per_patch_normalized(patches) if self.norm_pix else patches
 
     def reconstruct(self, images: Tensor, ids_keep: Tensor) -> Tensor:
         tokens = self.encoder.visible_tokens(images, ids_keep)
@@ -47,15 +71,16 @@ class MAE(PretrainMethod):
         """[N, 3, H, 3W] in [0, 1]: masked input | reconstruction with the visible patches pasted back | original."""
         grid, p = self.encoder.grid_size, self.encoder.patch_size
         ids_keep, visible = random_visible(images.shape[0], grid[0] * grid[1], self.mask_ratio, images.device)
-        target = patchify(images, p)
         pred = self.reconstruct(images, ids_keep).float()
-        if self.method_cfg.get("norm_pix_loss", True):  # predictions are per-patch normalised pixels
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        if self.norm_pix:  # undo the per-patch normalisation with the statistics of the true patch
+            patches = patchify(self.encoder.normalize(images.float()), p)
+            mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
             pred = pred * (var + 1e-6).sqrt() + mean
-        keep = visible.unsqueeze(-1)
-        masked = unpatchify(target * keep, p)
-        pasted = unpatchify(torch.where(keep, target, pred), p)
-        return torch.cat([masked, pasted, images], dim=-1).clamp(0, 1)
+        predicted = self.encoder.denormalize(unpatchify(pred, p, images.shape[1]))
+        keep = patch_mask_to_pixels(visible, grid, p).bool()
+        masked = images.float() * keep
+        pasted = torch.where(keep, images.float(), predicted)
+        return torch.cat([masked, pasted, images.float()], dim=-1).clamp(0, 1)
 
     def example_images(self) -> dict[str, Tensor]:
         figures = super().example_images()
@@ -70,11 +95,10 @@ class MAE(PretrainMethod):
         num_patches = self.encoder.grid_size[0] * self.encoder.grid_size[1]
         # One mask per step, shared by the attack and the update (eq. 4).
         ids_keep, visible = random_visible(images.shape[0], num_patches, self.mask_ratio, images.device)
-        target = patchify(images, self.encoder.patch_size)  # clean pixels: the target is never attacked
-        norm_pix = bool(self.method_cfg.get("norm_pix_loss", True))
+        target = self.target_patches(images)  # clean image: the target is never attacked
 
         def loss_fn(x: Tensor) -> Tensor:
-            return mae_loss(self.reconstruct(x, ids_keep), target, visible, norm_pix)
+            return mae_loss(self.reconstruct(x, ids_keep), target, visible)
 
         # Only visible patches are perturbed: masked ones are the target, never the input.
         support = patch_mask_to_pixels(visible, self.encoder.grid_size, self.encoder.patch_size)

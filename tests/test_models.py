@@ -1,0 +1,105 @@
+"""The networks against MAE's reference: fixed sin-cos positions, initialisation, and what export carries."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_method
+from safetensors.torch import load_file
+from torch import nn
+
+from advpt.finetune import load_backbone
+from advpt.models import Encoder, sincos_pos_embed
+
+
+def mae_2d_sincos(embed_dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
+    """MAE's ``get_2d_sincos_pos_embed`` (util/pos_embed.py), transcribed in numpy: [1, (1+) g*g, D]."""
+
+    def one_d(dim: int, pos: np.ndarray) -> np.ndarray:
+        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid = np.meshgrid(
+        np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64)
+    )  # w first
+    grid = np.stack(grid, axis=0).reshape(2, 1, grid_size, grid_size)
+    emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+    return torch.from_numpy(emb).float().unsqueeze(0)
+
+
+@pytest.mark.parametrize("dim,grid", [(32, 4), (768, 14), (512, 8)])
+def test_sincos_pos_embed_is_maes(dim: int, grid: int) -> None:
+    torch.testing.assert_close(sincos_pos_embed(dim, (grid, grid)), mae_2d_sincos(dim, grid))
+
+
+def test_mae_encoder_and_decoder_positions_are_fixed_sincos(micro) -> None:
+    from timm.optim import create_optimizer_v2
+
+    module = make_method("mae")
+    grid = micro["img_size"] // micro["patch_size"]
+    expected = mae_2d_sincos(module.encoder.dim, grid)
+    pos = module.encoder.vit.pos_embed
+    torch.testing.assert_close(pos.detach(), expected)
+    assert not pos.requires_grad
+    torch.testing.assert_close(module.decoder.pos_embed, mae_2d_sincos(micro["mae_decoder"]["dim"], grid))
+    # A training step moves the weights but not the positions.
+    opt = create_optimizer_v2(module, opt="adamw", lr=1e-2, weight_decay=0.05)
+    assert all(p is not pos for g in opt.param_groups for p in g["params"])
+    qkv = module.encoder.vit.blocks[0].attn.qkv.weight.detach().clone()
+    module.training_step(([torch.rand(8, 3, 16, 16)], torch.zeros(8)), 0).backward()
+    opt.step()
+    assert not torch.equal(module.encoder.vit.blocks[0].attn.qkv.weight, qkv)
+    torch.testing.assert_close(module.encoder.vit.pos_embed.detach(), expected)
+
+
+def test_exported_mae_encoder_carries_the_positions_into_fine_tuning(micro, tmp_path) -> None:
+    module = make_method("mae")
+    state = load_file(str(module.export_encoder(tmp_path)))
+    expected = mae_2d_sincos(module.encoder.dim, micro["img_size"] // micro["patch_size"])
+    torch.testing.assert_close(state["pos_embed"], expected)
+    net = Encoder.from_config(micro, num_classes=10)
+    load_backbone(net.vit, state)
+    torch.testing.assert_close(net.vit.pos_embed.detach(), expected)
+    assert net.vit.pos_embed.requires_grad  # fine-tuning may train them, as MAE's does
+
+
+def _xavier_bound(weight: torch.Tensor) -> float:
+    fan_out, fan_in = weight.shape[0], weight[0].numel()  # a conv counts as the linear layer it is
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def test_mae_initialisation_is_maes() -> None:
+    torch.manual_seed(3)
+    module = make_method("mae")
+    for part in (module.encoder, module.decoder):
+        linears = [m for m in part.modules() if isinstance(m, nn.Linear)]
+        assert linears
+        for m in linears + [module.encoder.vit.patch_embed.proj]:
+            bound = _xavier_bound(m.weight)
+            w = m.weight.detach()
+            assert w.abs().max() <= bound, m
+            # xavier-uniform: std = bound / sqrt(3)
+            assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15), m
+            if isinstance(m, nn.Linear):
+                assert (m.bias == 0).all(), m
+        for m in (m for m in part.modules() if isinstance(m, nn.LayerNorm)):
+            assert m.eps == 1e-6 and (m.weight == 1).all() and (m.bias == 0).all(), m
+    for token in (module.encoder.vit.cls_token, module.decoder.mask_token):
+        assert 0.01 < token.std().item() < 0.035
+
+
+@pytest.mark.parametrize("name", ["byol", "rotnet", "supervised"])
+def test_other_methods_keep_timms_vit_with_learned_positions(name: str) -> None:
+    # MAE's init and fixed positions belong to MAE; the other methods use timm's ViT as it comes.
+    module = make_method(name)
+    pos = module.encoder.vit.pos_embed
+    assert pos.requires_grad
+    assert not torch.allclose(pos.detach(), sincos_pos_embed(module.encoder.dim, module.encoder.grid_size))
+    assert module.encoder.vit.cls_token.std() < 1e-3  # timm's class-token init, not MAE's N(0, 0.02)
