@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    from advpt.launch import register_resolvers
+
+    register_resolvers()
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     if not any(a.split("=")[0] in _INSPECT_FLAGS for a in overrides):
         from advpt.config import validate
@@ -87,22 +90,39 @@ def _run_hydra(command: str, overrides: list[str]) -> None:
     from omegaconf import DictConfig
 
     from advpt.config import CONF_DIR
+    from advpt.launch import PREEMPTED_EXIT, Preempted, register_resolvers
 
     job = importlib.import_module(COMMANDS[command][0])
 
     @hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")
     def task(cfg: DictConfig) -> None:
+        out = Path(HydraConfig.get().runtime.output_dir)
         try:
             job.run(cfg)
         except UserError as e:
             # Leave nothing half-written: a run directory that never got a checkpoint is removed.
-            out = Path(HydraConfig.get().runtime.output_dir)
             if out.is_dir() and not (out / "checkpoints").exists():
                 shutil.rmtree(out, ignore_errors=True)
             fail(str(e), command)
+        except Preempted as e:
+            again = " ".join([f"advpt {command}", *_plain(overrides, drop=("resume", "hydra.run.dir"))])
+            print(
+                f"advpt {command}: {e}. Continue with: {again} resume=auto hydra.run.dir={out}",
+                file=sys.stderr,
+            )
+            sys.exit(PREEMPTED_EXIT)
 
-    sys.argv = [f"advpt {command}", *overrides]
+    register_resolvers()
+    # Hydra reads the overrides from sys.argv; argv[0] stays the real program (workers never re-run it).
+    sys.argv = [sys.argv[0], *overrides]
     task()
+
+
+def _plain(overrides: list[str], drop: tuple[str, ...]) -> list[str]:
+    """The command line's overrides without the keys in ``drop`` (quoted for a shell where needed)."""
+    import shlex
+
+    return [shlex.quote(a) for a in overrides if a.split("=", 1)[0].lstrip("+~") not in drop]
 
 
 if __name__ == "__main__":

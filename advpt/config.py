@@ -8,6 +8,9 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import os
+import socket
+import warnings
 from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
@@ -92,6 +95,49 @@ def check_trainer(trainer_cfg: DictConfig) -> None:
             raise UserError(
                 f"trainer.{key} is not a Lightning Trainer argument (see lightning.Trainer's documentation)"
             )
+    check_environment(trainer_cfg)
+
+
+def _hardware() -> str:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"this machine has {os.cpu_count()} CPU cores and {gpus} GPU{'s' if gpus != 1 else ''}"
+
+
+def check_environment(trainer_cfg: DictConfig) -> None:
+    """Accelerator, devices, strategy and precision this machine can run, and a reachable MASTER_ADDR.
+
+    Lightning's own checks decide (a Trainer is built and dropped; it starts no process); its
+    message becomes one line with what the machine has.
+    """
+    import logging
+
+    import lightning as L
+
+    keys = ("accelerator", "devices", "num_nodes", "strategy", "precision", "sync_batchnorm")
+    kwargs = {k: trainer_cfg[k] for k in keys if k in trainer_cfg}
+    quiet = logging.getLogger("lightning.pytorch")
+    level, quiet.level = quiet.level, logging.WARNING
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    except Exception as e:  # Lightning raises MisconfigurationException, ValueError, RuntimeError, ...
+        text = " ".join(str(e).split()).split(". ")[0].rstrip(".")
+        settings = ", ".join(f"trainer.{k}={v}" for k, v in kwargs.items() if k != "sync_batchnorm")
+        raise UserError(f"{settings} cannot run here: {text}; {_hardware()}") from None
+    finally:
+        quiet.level = level
+    address = os.environ.get("MASTER_ADDR")
+    if address:
+        try:
+            socket.getaddrinfo(address, None)
+        except OSError:
+            raise UserError(
+                f"MASTER_ADDR={address} cannot be resolved from this machine: give the first node's host "
+                "name or address (or unset MASTER_ADDR for a single-node run)"
+            ) from None
 
 
 def _positive_int(value: Any, key: str) -> None:
@@ -132,8 +178,14 @@ def check_run(cfg: DictConfig, touch_data: bool = True) -> None:
         )
     check_trainer(cfg.trainer)
     _positive_int(cfg.checkpoint_every_n_steps, "checkpoint_every_n_steps")
-    if cfg.resume is not None and not Path(str(cfg.resume)).is_file():
-        raise UserError(f"resume={cfg.resume} is not a checkpoint file (give a run's checkpoints/last.ckpt)")
+    if cfg.resume is not None and str(cfg.resume) != "auto":
+        from advpt.launch import read_progress
+
+        if not Path(str(cfg.resume)).is_file():
+            raise UserError(
+                f"resume={cfg.resume} is not a checkpoint file (give a run's checkpoints/last.ckpt, or auto)"
+            )
+        read_progress(Path(str(cfg.resume)))  # one line if it is not a readable checkpoint
     if touch_data:
         check_data(cfg)
 

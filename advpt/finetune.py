@@ -332,19 +332,19 @@ class FinetuneData(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        from advpt.data.module import EpochSampler, Transformed
+        from advpt.data.module import Transformed, train_loader
         from advpt.data.transforms import Views
 
         # One view per image, batched as ([images], labels) like pre-training (ImagesPerSecond reads it);
         # shuffle order and augmentations follow (seed, epoch), as in pre-training, so resuming repeats them.
         views = Views([train_transform(self.optim, self.image_size)])
-        size, batch = len(self.train_source), int(self.cfg["batch_size"])
-        return self._loader(
+        return train_loader(
             Transformed(self.train_source, views, seed=self.seed),
-            sampler=EpochSampler(size, self.seed),
-            drop_last=size >= batch,  # mixup pairs need an even batch
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+            batch_size=int(self.cfg["batch_size"]),
+            seed=self.seed,
+            num_workers=int(self.cfg.get("num_workers", 0)),
+            trainer=self.trainer,
+        )  # drop_last: mixup pairs need an even batch
 
     def val_dataloader(self) -> DataLoader | list:
         from advpt.data.module import Transformed
@@ -398,12 +398,11 @@ class FineTuner(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def on_train_epoch_start(self) -> None:
-        from advpt.data.module import seed_epoch
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        from advpt.data.module import seed_batch
 
-        seed_epoch(
-            self.seed, self.current_epoch
-        )  # mixup, cutmix, drop path, RandAugment follow (seed, epoch)
+        # mixup, cutmix, drop path follow (seed, epoch, batch): resuming anywhere repeats them
+        seed_batch(self.seed, self.current_epoch, batch_idx, self.global_rank)
 
     def targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Mixup / cutmix (timm, on even batches) and label smoothing."""
@@ -545,20 +544,22 @@ def export_classifier(module: FineTuner, cfg: DictConfig, directory: Path) -> Pa
     return path
 
 
-def fit(cfg: DictConfig, run_dir: Path) -> FineTuner:
-    """Fine-tune as configured, writing checkpoints, metrics, config and the classifier into ``run_dir``."""
-    from advpt.pretrain import build_trainer
+def fit(cfg: DictConfig, run_dir: Path) -> FineTuner | None:
+    """Fine-tune as configured, writing checkpoints, metrics, config and the classifier into ``run_dir``.
+
+    Returns ``None`` when ``resume=auto`` finds the run already finished (nothing is written).
+    """
+    from advpt.launch import processes
+    from advpt.pretrain import begin, build_trainer
 
     cfg = check(cfg, touch_data=False)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    torch.set_float32_matmul_precision("high")
     data = FinetuneData(cfg.data, cfg.optim, image_size=int(cfg.model.img_size), seed=int(cfg.seed))
     if data.num_classes < 2:
         raise UserError(f"data={cfg.data.name} has {data.num_classes} classes: fine-tuning needs labels")
     with open_dict(cfg):
         cfg.num_classes = data.num_classes
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if not begin(cfg, run_dir, "finetune"):
+        return None
 
     module = FineTuner(
         model=OmegaConf.to_container(cfg.model, resolve=True),
@@ -571,10 +572,11 @@ def fit(cfg: DictConfig, run_dir: Path) -> FineTuner:
     if cfg.pretrained != "none":
         load_backbone(module.vit, load_encoder_state(Path(cfg.pretrained)))
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
-    # A run that stops mid-epoch (max_steps) is still scored on its final weights.
-    if data.val_source is not None and module.validated_at != trainer.global_step:
-        trainer.validate(module, datamodule=data, verbose=False)
+    with processes(trainer, "finetune", run_dir):
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
+        # A run that stops mid-epoch (max_steps) is still scored on its final weights.
+        if data.val_source is not None and module.validated_at != trainer.global_step:
+            trainer.validate(module, datamodule=data, verbose=False)
     if trainer.is_global_zero:
         export_classifier(module, cfg, run_dir)
     return module

@@ -10,10 +10,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from advpt.config import attack_kwargs, check_pretrain
 from advpt.data.module import PretrainData
+from advpt.launch import finished, processes, read_progress, resolve_resume
 from advpt.methods import METHODS, PretrainMethod
 
 
@@ -43,7 +45,8 @@ class ImagesPerSecond(Callback):
 
 
 class LastCheckpoint(Callback):
-    """Keep ``checkpoints/last.ckpt`` current: every ``every_n_steps`` optimiser steps and at each epoch end.
+    """Keep ``checkpoints/last.ckpt`` current: every ``every_n_steps`` optimiser steps, at each epoch
+    end, and when the run is told to stop (SIGTERM, or SIGUSR1 which the launch turns into SIGTERM).
 
     Written to a temporary file and renamed, so a run killed mid-write never leaves a broken
     checkpoint (Lightning's ModelCheckpoint writes in place, and cannot combine step and epoch triggers).
@@ -53,10 +56,12 @@ class LastCheckpoint(Callback):
         self.path = Path(directory) / "last.ckpt"
         self.every_n_steps = every_n_steps
         self._saved_at = -1
+        self._epochs_done = 0
 
-    def save(self, trainer: L.Trainer) -> None:
+    def save(self, trainer: L.Trainer, epochs_done: int) -> None:
         if trainer.global_step == self._saved_at or trainer.sanity_checking:
             return
+        self._epochs_done = epochs_done
         tmp = self.path.with_name(".last.ckpt.tmp")
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
@@ -64,12 +69,28 @@ class LastCheckpoint(Callback):
         trainer.strategy.barrier()
         self._saved_at = trainer.global_step
 
+    def state_dict(self) -> dict[str, Any]:
+        # Read back by `resume=auto` to tell a finished run from one to continue.
+        return {"epochs_done": self._epochs_done}
+
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         if trainer.global_step % self.every_n_steps == 0:
-            self.save(trainer)
+            self.save(trainer, trainer.current_epoch + int(last))
+        if trainer.received_sigterm and trainer.world_size == 1:
+            # One process: stop now. Several: Lightning stops them together at the next batch,
+            # after rank 0 has told the others (on_exception saves there).
+            self.save(trainer, trainer.current_epoch + int(last))
+            raise SIGTERMException()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.save(trainer)
+        self.save(trainer, trainer.current_epoch + 1)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.save(trainer, trainer.current_epoch)
 
 
 class ExampleImages(Callback):
@@ -112,6 +133,7 @@ def wandb_id() -> str:
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     # metrics.csv sits beside the run's other outputs, so Lightning's "directory not empty" note is expected.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
@@ -127,7 +149,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
         offline = cfg.logger.offline
         if offline is None:  # offline unless credentials are configured
             offline = not (os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").exists())
-        # The run id is kept in the run directory so a resumed job continues the same wandb run.
         # The run id is kept beside the run, and read back from the resumed run's directory, so a
         # resumed or requeued job continues the same wandb run instead of starting a new one.
         id_file = run_dir / "wandb_id.txt"
@@ -146,7 +167,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
             tags=list(cfg.logger.tags),
             config=OmegaConf.to_container(cfg, resolve=True),
         )
-        id_file.write_text(run_id)
+        if rank_zero_only.rank == 0:  # other processes log nothing to wandb
+            id_file.write_text(run_id)
         loggers.append(logger)
     return loggers
 
@@ -156,10 +178,25 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     # LastCheckpoint keeps checkpoints/last.ckpt; Lightning's default callback would write a second copy.
     kwargs.setdefault("enable_checkpointing", False)
+    # The training loader shards itself across processes (EpochSampler), resumably; Lightning's
+    # distributed sampler would replace it.
+    kwargs.setdefault("use_distributed_sampler", False)
+    # A run shorter than the logging interval still writes its metrics.csv.
+    if int(kwargs.get("max_steps") or -1) > 0:
+        kwargs["log_every_n_steps"] = min(
+            int(kwargs.get("log_every_n_steps") or 50), int(kwargs["max_steps"])
+        )
+    plugins = []
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        # Pre-emption saves last.ckpt and exits; requeueing is the scheduler's (or submitit's) job.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         **kwargs,
         default_root_dir=str(run_dir),
         logger=build_loggers(cfg, run_dir),
+        plugins=plugins or None,
         callbacks=[
             LastCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every_n_steps)),
             ImagesPerSecond(),
@@ -180,23 +217,50 @@ def build_module(cfg: DictConfig, num_classes: int) -> PretrainMethod:
     )
 
 
-def fit(cfg: DictConfig, run_dir: Path) -> PretrainMethod:
-    """Pre-train as configured, writing checkpoints, metrics, config and encoder into ``run_dir``."""
-    cfg = check_pretrain(cfg, touch_data=False)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    torch.set_float32_matmul_precision("high")
+def fit(cfg: DictConfig, run_dir: Path) -> PretrainMethod | None:
+    """Pre-train as configured, writing checkpoints, metrics, config and encoder into ``run_dir``.
 
+    Returns ``None`` when ``resume=auto`` finds the run already finished (nothing is written).
+    """
+    cfg = check_pretrain(cfg, touch_data=False)
+    if not begin(cfg, run_dir, "pretrain"):
+        return None
     data = PretrainData(
         cfg.data, views=cfg.method.views, image_size=int(cfg.model.img_size), seed=int(cfg.seed)
     )
     module = build_module(cfg, data.num_classes)
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
+    with processes(trainer, "pretrain", run_dir):
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
     if trainer.is_global_zero:
         module.export_encoder(run_dir)
     return module
+
+
+def begin(cfg: DictConfig, run_dir: Path, command: str) -> bool:
+    """Start (or continue) a training run in ``run_dir``: resolve ``resume=auto``, write the config.
+
+    False when ``resume=auto`` finds the run already finished: it says so and writes nothing.
+    """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    auto = str(cfg.resume) == "auto"
+    with open_dict(cfg):
+        cfg.resume = resolve_resume(cfg.resume, run_dir)
+    if cfg.resume is not None:
+        progress = read_progress(Path(cfg.resume))
+        if auto and finished(progress, cfg.trainer):
+            if rank_zero_only.rank == 0:
+                print(
+                    f"advpt {command}: {run_dir} already finished at step {progress['global_step']}; nothing to do"
+                )
+            return False
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:  # the workers of a multi-process run read it, never write it
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    return True
 
 
 check = check_pretrain

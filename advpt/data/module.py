@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -15,40 +15,99 @@ from advpt.data.sources import build_source, num_classes
 from advpt.data.transforms import pretrain_views
 
 
-def seed_epoch(seed: int, epoch: int) -> None:
-    """Seed torch, numpy (timm's mixup / cutmix) and Python (RandAugment) from (seed, epoch).
+def seed_batch(seed: int, epoch: int, batch_idx: int, rank: int = 0) -> None:
+    """Seed torch, numpy (timm's mixup / cutmix) and Python from (seed, epoch, batch, rank).
 
-    Called at every epoch start, it makes the in-step randomness (masks, rotations, attack starts,
-    mixing) of a run resumed at an epoch boundary repeat that of the uninterrupted run.
+    Called before every training batch, it makes the in-step randomness (masks, rotations, attack
+    starts, mixing, drop path) a function of the batch's position alone, so a run resumed anywhere,
+    mid-epoch included, draws what the uninterrupted run drew; the rank keeps processes' draws apart.
     """
-    value = seed * 100_003 + epoch
-    torch.manual_seed(value)
+    value = ((seed * 100_003 + epoch) * 1_000_003 + batch_idx) * 1_009 + rank
+    torch.manual_seed(value % 2**63)
     np.random.seed(value % 2**32)
     random.seed(value)
 
 
 class EpochSampler(Sampler):
-    """Shuffles with a generator seeded by (seed, epoch) and yields ``(epoch, index)`` pairs.
+    """This process's share of a (seed, epoch)-shuffled epoch, as ``(epoch, index)`` pairs.
 
-    Lightning calls :meth:`set_epoch` at every epoch start (also after a resume), and the epoch
-    travels with each index into the workers, so shuffle order and augmentations are a function of
-    (seed, epoch, index) alone: a run resumed at an epoch boundary sees the batches an uninterrupted
-    one would have seen.
+    The permutation depends on (seed, epoch) alone; rank ``r`` of ``world`` takes every ``world``-th
+    index from position ``r``, so with a per-process batch B the ranks' k-th batches together are
+    the k-th global batch of B x world images, as one process would see it. The epoch travels with
+    each index into the workers, so augmentations are a function of (seed, epoch, index). ``skip``
+    drops the first indices of the epoch: a run resumed mid-epoch continues where it stopped.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        # Every rank gets the same count (the remainder is dropped), so all take the same steps.
+        return self.size // self.world if self.world > 1 else self.size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        epoch = self.epoch
-        return ((epoch, int(i)) for i in torch.randperm(self.size, generator=generator))
+        order = torch.randperm(self.size, generator=generator)[self.rank :: self.world][: len(self)]
+        epoch, start = self.epoch, self.skip
+        self.skip = 0  # only the first pass after a resume is shortened
+        return ((epoch, int(i)) for i in order[start:])
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose position within the epoch goes into Lightning's checkpoints.
+
+    Lightning saves ``state_dict()`` of every training loader that has one and hands it back to
+    ``load_state_dict()`` before iterating on resume; the position is read from the Trainer (the
+    batches it has trained on this epoch), which knows it exactly whatever the loader prefetched.
+    """
+
+    progress: Callable[[], int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        assert isinstance(sampler, EpochSampler)
+        return {"epoch": sampler.epoch, "batches": self.progress() if self.progress else 0}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        sampler = self.sampler
+        assert isinstance(sampler, EpochSampler)
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):  # saved at the end of an epoch: the next one starts afresh
+            epoch, batches = epoch + 1, 0
+        sampler.epoch, sampler.skip = epoch, batches * int(self.batch_size or 1)
+
+
+def train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    trainer: L.Trainer | None = None,
+    drop_last: bool = True,
+) -> ResumableLoader:
+    """The shuffled, per-rank, resumable training loader shared by pre-training and fine-tuning."""
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    sampler = EpochSampler(len(dataset), seed, rank=rank, world=world)
+    loader = ResumableLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last and len(sampler) >= batch_size,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        # The loader draws its workers' base seed from this, not from the global generator.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    if trainer is not None:
+        loader.progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return loader
 
 
 class Transformed(Dataset):
@@ -82,16 +141,10 @@ class PretrainData(L.LightningDataModule):
         self.num_classes = num_classes(self.source)
 
     def train_dataloader(self) -> DataLoader:
-        workers = int(self.cfg.get("num_workers", 0))
-        batch_size = int(self.cfg["batch_size"])
-        return DataLoader(
+        return train_loader(
             Transformed(self.source, pretrain_views(self.views, self.image_size), seed=self.seed),
-            batch_size=batch_size,
-            sampler=EpochSampler(len(self.source), self.seed),
-            drop_last=len(self.source) >= batch_size,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-            # The loader draws its workers' base seed from this, not from the global generator.
-            generator=torch.Generator().manual_seed(self.seed),
+            batch_size=int(self.cfg["batch_size"]),
+            seed=self.seed,
+            num_workers=int(self.cfg.get("num_workers", 0)),
+            trainer=self.trainer,
         )

@@ -15,7 +15,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import Tensor
 
 from advpt.attacks import Attack, LossFn, frozen, pgd
-from advpt.data.module import seed_epoch
+from advpt.data.module import seed_batch
 from advpt.models import Encoder
 
 
@@ -52,8 +52,8 @@ class PretrainMethod(L.LightningModule):
         self.batch_size = batch_size
         self.seed = seed
 
-    def on_train_epoch_start(self) -> None:
-        seed_epoch(self.seed, self.current_epoch)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        seed_batch(self.seed, self.current_epoch, batch_idx, self.global_rank)
 
     # -- the attack -------------------------------------------------------------------------
     def attacked(self, loss_fn: LossFn, x: Tensor, support: Tensor | None = None) -> Tensor:

@@ -1,0 +1,179 @@
+"""How a run's processes start and stop: local DDP workers, pre-emption, ``resume=auto``, run stamps.
+
+Lightning's launcher re-executes ``sys.argv`` once per extra device. Under the ``advpt`` console
+command that line is not a runnable script, and under a Hydra sweep it is the whole sweep, not the
+job. So the first process of a node starts the node's other workers itself, each running
+``python -m advpt.launch COMMAND RUN_DIR`` on the job's resolved ``config.yaml``, with the
+environment Lightning reads when processes are created outside it (as torchrun and srun do);
+Lightning then launches nothing and joins them into one process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from advpt.errors import UserError
+
+# Variables the worker environment sets; restored afterwards so the next job of a sweep starts clean.
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+PREEMPTED_EXIT = 143  # what a process stopped by SIGTERM conventionally returns
+
+
+class Preempted(Exception):
+    """A run stopped by SIGTERM / SIGUSR1 after saving ``checkpoints/last.ckpt``."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(f"stopped at step {step}: {run_dir / 'checkpoints' / 'last.ckpt'} saved")
+        self.run_dir, self.step = run_dir, step
+
+
+def run_stamp(pattern: str) -> str:
+    """The time stamp in a run directory's name, the same in every process of one launch.
+
+    An external launcher (srun with several tasks, torchrun) starts every process with the whole
+    command line, and their clocks can straddle a second; the launch's own id names the run instead
+    (a requeued SLURM job keeps its id, so ``resume=auto`` finds the run again).
+    """
+    env = os.environ
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env and "SLURM_PROCID" in env:
+        return f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '0')}"
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
+    return datetime.now().strftime(pattern)
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    # Cached like Hydra's ${now:}: one value per process, however often the path is resolved.
+    OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
+
+
+# -- resume=auto ---------------------------------------------------------------------------------
+def last_checkpoint(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
+def read_progress(path: Path) -> dict[str, Any]:
+    """What a ``last.ckpt`` records of its run's progress (steps, epochs); raises UserError if unreadable."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        raise UserError(
+            f"resume={path} is not a readable Lightning checkpoint (give a run's checkpoints/last.ckpt)"
+        ) from None
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise UserError(f"resume={path} is not a Lightning training checkpoint (it has no training state)")
+    progress = next((v for k, v in ckpt.get("callbacks", {}).items() if "LastCheckpoint" in k), {})
+    return {"global_step": int(ckpt["global_step"]), "epochs_done": progress.get("epochs_done")}
+
+
+def finished(progress: Mapping[str, Any], trainer_cfg: Mapping[str, Any]) -> bool:
+    """Whether a run that reached ``progress`` has nothing left to do under these Trainer limits."""
+    max_steps = trainer_cfg.get("max_steps", -1)
+    if max_steps is not None and int(max_steps) > 0:
+        return progress["global_step"] >= int(max_steps)
+    max_epochs = trainer_cfg.get("max_epochs")
+    done = progress.get("epochs_done")
+    return max_epochs is not None and int(max_epochs) >= 0 and done is not None and done >= int(max_epochs)
+
+
+def resolve_resume(value: Any, run_dir: Path) -> str | None:
+    """``resume=auto``: this run directory's ``last.ckpt`` if there is one, else a fresh start."""
+    if value is None or str(value) != "auto":
+        return None if value is None else str(value)
+    path = last_checkpoint(run_dir)
+    return str(path) if path.is_file() else None
+
+
+# -- processes -----------------------------------------------------------------------------------
+def _worker_command(command: str, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "advpt.launch", command, str(run_dir)]
+
+
+@contextlib.contextmanager
+def processes(trainer: Any, command: str, run_dir: Path) -> Iterator[None]:
+    """Run the body (``trainer.fit``) as this node's first process, with the node's other workers
+    started beside it when Lightning would have re-executed the command line; SIGUSR1 is taken as
+    SIGTERM; a run stopped by either leaves ``last.ckpt`` and raises :class:`Preempted`."""
+    from lightning.fabric.strategies.launchers.subprocess_script import _launch_process_observer
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    strategy = trainer.strategy
+    launcher, env = strategy.launcher, strategy.cluster_environment
+    saved = {k: os.environ.get(k) for k in _DDP_ENV}
+    children: list[subprocess.Popen] = []
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and env is not None
+        and not env.creates_processes_externally
+        and launcher.num_processes * launcher.num_nodes > 1
+    ):
+        os.environ.update(
+            MASTER_ADDR=env.main_address,
+            MASTER_PORT=str(env.main_port),
+            NODE_RANK=str(env.node_rank()),
+            LOCAL_RANK="0",
+            WORLD_SIZE=str(launcher.num_processes * launcher.num_nodes),
+        )
+        for local_rank in range(1, launcher.num_processes):
+            worker_env = {**os.environ, "LOCAL_RANK": str(local_rank)}
+            children.append(subprocess.Popen(_worker_command(command, run_dir), env=worker_env))
+        launcher.procs = children  # Lightning forwards SIGTERM / Ctrl-C to these
+        _launch_process_observer(children)  # a worker that dies takes the run down with it
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    # SLURM's pre-emption / time-limit warning is SIGUSR1: stop as on SIGTERM (Lightning's flag).
+    signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        yield
+        for child in children:
+            if child.wait() != 0:
+                raise RuntimeError(f"a worker process exited with code {child.returncode}")
+    except SIGTERMException:
+        for child in children:
+            child.wait()
+        raise Preempted(run_dir, trainer.global_step) from None
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        if children:
+            import torch.distributed as dist
+
+            # The next job of a sweep starts its own group with its own workers.
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _worker(command: str, run_dir: str) -> None:
+    """A node's extra worker: the job's resolved config, the job's directory, the same ``fit``."""
+    from omegaconf import OmegaConf
+
+    from advpt.cli import COMMANDS
+
+    directory = Path(run_dir)
+    job = importlib.import_module(COMMANDS[command][0])
+    try:
+        job.fit(OmegaConf.load(directory / "config.yaml"), directory)
+    except Preempted:
+        sys.exit(PREEMPTED_EXIT)
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:3])
