@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> None:
             )
         except UserError as e:
             fail(str(e), command)
+        if not multirun and any(a.startswith("resume=auto") for a in plain):
+            from advpt.launch import already_finished
+
+            message = already_finished(command, plain)
+            if message:  # checked before Hydra writes into the run directory
+                print(f"advpt {command}: {message}")
+                sys.exit(0)
     _run_hydra(command, overrides)
 
 

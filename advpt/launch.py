@@ -97,6 +97,24 @@ def resolve_resume(value: Any, run_dir: Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
+def already_finished(command: str, overrides: list[str]) -> str | None:
+    """For a single run with ``resume=auto``: a message if its directory holds a finished run."""
+    from hydra import compose, initialize_config_dir
+
+    from advpt.config import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=command):
+        cfg = compose(command, overrides=overrides, return_hydra_config=True)
+    run_dir = Path(str(cfg.hydra.run.dir))
+    path = last_checkpoint(run_dir)
+    if not path.is_file():
+        return None
+    progress = read_progress(path)
+    if not finished(progress, cfg.trainer):
+        return None
+    return f"{run_dir} already finished at step {progress['global_step']}; nothing to do"
+
+
 # -- processes -----------------------------------------------------------------------------------
 def _worker_command(command: str, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "advpt.launch", command, str(run_dir)]
@@ -112,7 +130,7 @@ def processes(trainer: Any, command: str, run_dir: Path) -> Iterator[None]:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     strategy = trainer.strategy
-    launcher, env = strategy.launcher, strategy.cluster_environment
+    launcher, env = strategy.launcher, getattr(strategy, "cluster_environment", None)
     saved = {k: os.environ.get(k) for k in _DDP_ENV}
     children: list[subprocess.Popen] = []
     if (

@@ -1,0 +1,352 @@
+"""Several processes, started as users start them: ``advpt ... trainer.devices=2 trainer.strategy=ddp``
+(2 CPU processes over gloo), a sweep of such runs, torchrun, submitit; pre-emption and ``resume=auto``;
+environment errors as one line."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ADVPT = str(BIN / "advpt")
+QUIET = ["model=vit_micro", "trainer.enable_progress_bar=false"]
+DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+
+
+def advpt(args: list[str], cwd: Path, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """The console command in a fresh process, exactly as a user types it."""
+    return subprocess.run([ADVPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def outputs(run: Path) -> dict[str, int]:
+    names = ("last.ckpt", "metrics.csv", "encoder.safetensors", "model.safetensors")
+    return {n: len(list(run.rglob(n))) for n in names}
+
+
+def same_weights(a: Path, b: Path, atol: float = 0.0) -> bool:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    return all(torch.allclose(wa[k], wb[k], rtol=0, atol=atol) for k in wa)
+
+
+# -- DDP from the console command ---------------------------------------------------------------
+@pytest.mark.slow
+def test_every_method_and_attack_runs_on_two_processes_in_one_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    done = advpt(
+        [
+            "pretrain",
+            "-m",
+            "method=mae,byol,rotnet,supervised",
+            "attack=none,l2",
+            "trainer.max_steps=3",
+            f"hydra.sweep.dir={sweep}",
+            *QUIET,
+            *DDP,
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == [
+        f"{i}-{m}-{a}"
+        for i, (m, a) in enumerate(
+            (m, a) for m in ("mae", "byol", "rotnet", "supervised") for a in ("none", "l2")
+        )
+    ]
+    for job in jobs:  # each job's two processes wrote into that job's directory, once
+        assert outputs(job) == {
+            "last.ckpt": 1,
+            "metrics.csv": 1,
+            "encoder.safetensors": 1,
+            "model.safetensors": 0,
+        }, job
+        assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # nothing written elsewhere
+
+    # Fine-tuning on two processes from one of them.
+    run = tmp_path / "ft"
+    done = advpt(
+        ["finetune", f"pretrained={jobs[1]}", "trainer.max_steps=3", f"hydra.run.dir={run}", *DDP[:0], *DDP],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert outputs(run) == {
+        "last.ckpt": 1,
+        "metrics.csv": 1,
+        "encoder.safetensors": 0,
+        "model.safetensors": 1,
+    }
+
+
+@pytest.mark.slow
+def test_two_processes_with_half_the_batch_give_the_same_update(tmp_path: Path) -> None:
+    """Supervised (no mixup) on 2 x B/2 equals 1 x B: same global batches, averaged gradients, and
+    the learning rate scaled by the global batch."""
+    common = [
+        "pretrain",
+        "method=supervised",
+        "attack=none",
+        "method.mixup=0",
+        "method.cutmix=0",
+        "trainer.max_steps=4",
+        "trainer.accelerator=cpu",
+        *QUIET,
+    ]
+    one = advpt([*common, "data.batch_size=32", f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path)
+    two = advpt([*common, "data.batch_size=16", *DDP[1:], f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    start = load_file(str(tmp_path / "one" / "encoder.safetensors"))
+    assert same_weights(
+        tmp_path / "one" / "encoder.safetensors", tmp_path / "two" / "encoder.safetensors", 2e-5
+    )
+    # ...and the runs did move the weights (the comparison is not between two untrained models).
+    fresh = advpt(
+        [*common[:-2], "trainer.max_steps=1", *QUIET, f"hydra.run.dir={tmp_path / 'one_step'}"], tmp_path
+    )
+    assert fresh.returncode == 0
+    moved = load_file(str(tmp_path / "one_step" / "encoder.safetensors"))
+    assert any(not torch.allclose(start[k], moved[k]) for k in start)
+
+
+def _probe(mode: str, out: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_probe.py"), mode, str(out)],
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_the_attack_adds_no_gradient_synchronisation(tmp_path: Path) -> None:
+    import json
+
+    for mode in ("nominal", "attacked"):
+        _probe(mode, tmp_path / "out")
+    counts = {
+        (mode, rank): json.loads((tmp_path / "out" / f"{mode}{rank}.json").read_text())
+        for mode in ("nominal", "attacked")
+        for rank in (0, 1)
+    }
+    per_step = {k: v["reductions"] / v["steps"] for k, v in counts.items()}
+    assert all(v["steps"] == 3 for v in counts.values())
+    assert per_step[("nominal", 0)] >= 1
+    assert per_step[("attacked", 0)] == per_step[("nominal", 0)]
+    assert per_step[("attacked", 1)] == per_step[("nominal", 1)]
+
+
+@pytest.mark.slow
+def test_byol_target_stays_identical_across_ranks_with_synchronised_batch_norm(tmp_path: Path) -> None:
+    _probe("byol", tmp_path / "out")
+    t0 = torch.load(tmp_path / "out" / "target0.pt")
+    t1 = torch.load(tmp_path / "out" / "target1.pt")
+    assert t0.keys() == t1.keys()
+    assert any("running_mean" in k for k in t0)  # the heads' batch norms are there, and synchronised
+    for k in t0:
+        assert torch.equal(t0[k], t1[k]), k
+
+
+@pytest.mark.slow
+def test_torchrun_starts_one_run(tmp_path: Path) -> None:
+    torchrun = BIN / "torchrun"
+    done = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            "--no-python",
+            ADVPT,
+            "pretrain",
+            "trainer.max_steps=2",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            *QUIET,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [p.parent.parent for p in (tmp_path / "outputs").rglob("last.ckpt")]
+    assert len(runs) == 1 and runs[0].name.startswith("torchrun-"), runs
+    assert len(list((tmp_path / "outputs").rglob("config.yaml"))) == 2  # ours + Hydra's, one run dir
+
+
+# -- pre-emption and resume=auto ----------------------------------------------------------------
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_auto_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    # 30 steps cross an epoch end (22 steps of 64 digits); the stop lands a few steps in.
+    args = ["pretrain", "trainer.max_steps=30", "checkpoint_every_n_steps=2", "resume=auto", *QUIET]
+    whole = advpt([*args, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        [ADVPT, *args, f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ckpt = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)  # SLURM's warning; SIGTERM takes the same path
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    stopped_at = torch.load(ckpt, weights_only=False)["global_step"]
+    assert 0 < stopped_at < 22, stopped_at  # mid-epoch
+    assert "Continue with: advpt pretrain" in err and "resume=auto" in err
+    assert not (run / "encoder.safetensors").exists()
+
+    again = advpt([*args, f"hydra.run.dir={run}"], cwd=tmp_path)  # the same command line, requeued
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 30
+    assert same_weights(run / "encoder.safetensors", tmp_path / "whole" / "encoder.safetensors")
+
+    # Once more: the run is finished, so it says so and writes nothing.
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    finished = advpt([*args, f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert finished.returncode == 0 and "already finished at step 30" in finished.stdout
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert (
+        run_cli(["pretrain", "resume=auto", "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'r'}", *QUIET])
+        == 0
+    )
+    assert (tmp_path / "r" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_resume_file_that_is_not_a_checkpoint_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    assert run_cli(["pretrain", f"resume={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a readable Lightning checkpoint" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+# -- environment errors -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["trainer.accelerator=gpu"], "trainer.accelerator=gpu"),
+        (["trainer.strategy=no_such_strategy"], "trainer.strategy=no_such_strategy"),
+        (["trainer.precision=64-bogus"], "trainer.precision=64-bogus"),
+    ],
+)
+def test_what_this_machine_lacks_is_one_line_exit_2(args, needle, tmp_path, monkeypatch, capsys) -> None:
+    if torch.cuda.is_available() and "gpu" in args[0]:
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["pretrain", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "this machine has" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unresolvable_master_address_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MASTER_ADDR", "no-such-host.invalid")
+    assert run_cli(["pretrain", *DDP]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MASTER_ADDR=no-such-host.invalid cannot be resolved" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- SLURM through submitit -----------------------------------------------------------------------
+def test_slurm_launcher_composes_one_task_per_gpu() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from advpt.config import CONF_DIR
+    from advpt.launch import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "pretrain",
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.account=lab",
+                "hydra.launcher.gpus_per_node=4",
+                "trainer.num_nodes=2",
+            ],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+    assert (launcher.partition, launcher.account) == ("gpu", "lab")
+    assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0 and launcher.timeout_min > 0
+
+
+@pytest.mark.slow
+def test_a_sweep_through_submitit_runs_each_job(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    done = advpt(
+        [
+            "pretrain",
+            "-m",
+            "hydra/launcher=submitit_local",
+            "method=mae,rotnet",
+            "trainer.max_steps=1",
+            "trainer.accelerator=cpu",
+            f"hydra.sweep.dir={sweep}",
+            *QUIET,
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.parent.name for p in sweep.rglob("encoder.safetensors")) == ["0-mae-l2", "1-rotnet-l2"]
+
+
+def test_run_stamp_names_external_launches(monkeypatch) -> None:
+    from advpt.launch import run_stamp
+
+    for key in ("SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert run_stamp("%Y") == time.strftime("%Y")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert run_stamp("%Y") == "torchrun-abc"
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert run_stamp("%Y") == "slurm-77.0"  # every task of the step, and the requeued job, agree
+
+
+def test_docker_image_installs_this_package_on_a_torch_that_satisfies_it() -> None:
+    """No Docker engine runs here, so the image is checked by what it is built from."""
+    import re
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    text = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM pytorch/pytorch:(\d+\.\d+\.\d+)-", text, re.M)
+    assert base, "the image starts from an official PyTorch image"
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
+    assert torch_req.specifier.contains(base.group(1)), (torch_req, base.group(1))
+    assert re.search(r"^RUN pip install \. ", text, re.M)  # the package itself, nothing pinned beside it
+    assert re.search(r"^USER advpt$", text, re.M) and re.search(r'^ENTRYPOINT \["advpt"\]', text, re.M)
+    assert ".venv" in (ROOT / ".dockerignore").read_text().split()
