@@ -122,13 +122,24 @@ def check_environment(trainer_cfg: DictConfig) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+            probe = L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     except Exception as e:  # Lightning raises MisconfigurationException, ValueError, RuntimeError, ...
         text = " ".join(str(e).split()).split(". ")[0].rstrip(".")
         settings = ", ".join(f"trainer.{k}={v}" for k, v in kwargs.items() if k != "sync_batchnorm")
         raise UserError(f"{settings} cannot run here: {text}; {_hardware()}") from None
     finally:
         quiet.level = level
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    if (
+        kwargs.get("sync_batchnorm")
+        and isinstance(probe.accelerator, CPUAccelerator)
+        and probe.world_size > 1
+    ):
+        raise UserError(
+            "trainer.sync_batchnorm=true needs GPUs: PyTorch's SyncBatchNorm does not run in CPU processes "
+            "(drop it on CPU; each process then normalises its own batch)"
+        )
     address = os.environ.get("MASTER_ADDR")
     if address:
         try:
