@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from advpt.config import CONF_DIR, _positive_int, check_run, parse_number
+from advpt.data.module import ResumableData
 from advpt.errors import UserError
 from advpt.models import IMAGENET_MEAN, IMAGENET_STD, Encoder, timm_kwargs
 
@@ -306,7 +307,7 @@ def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
 
 
 # -- data and module ------------------------------------------------------------------------------
-class FinetuneData(L.LightningDataModule):
+class FinetuneData(ResumableData):
     """The labelled training split with the recipe's augmentation; the test split, if any, for val/top1."""
 
     def __init__(
@@ -332,19 +333,18 @@ class FinetuneData(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        from advpt.data.module import Transformed, train_loader
+        from advpt.data.module import Transformed
         from advpt.data.transforms import Views
 
         # One view per image, batched as ([images], labels) like pre-training (ImagesPerSecond reads it);
         # shuffle order and augmentations follow (seed, epoch), as in pre-training, so resuming repeats them.
         views = Views([train_transform(self.optim, self.image_size)])
-        return train_loader(
+        return self.resumable_loader(
             Transformed(self.train_source, views, seed=self.seed),
             batch_size=int(self.cfg["batch_size"]),
             seed=self.seed,
             num_workers=int(self.cfg.get("num_workers", 0)),
-            trainer=self.trainer,
-        )  # drop_last: mixup pairs need an even batch
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         from advpt.data.module import Transformed

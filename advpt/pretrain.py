@@ -73,15 +73,17 @@ class LastCheckpoint(Callback):
         # Read back by `resume=auto` to tell a finished run from one to continue.
         return {"epochs_done": self._epochs_done}
 
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.received_sigterm and trainer.world_size == 1:
+            # One process stops before the next batch, the last one logged (Lightning itself would
+            # wait for the epoch's end); several stop together there too, after rank 0 has told
+            # the others (Lightning's broadcast), and on_exception saves.
+            raise SIGTERMException()
+
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         if trainer.global_step % self.every_n_steps == 0:
             self.save(trainer, trainer.current_epoch + int(last))
-        if trainer.received_sigterm and trainer.world_size == 1:
-            # One process: stop now. Several: Lightning stops them together at the next batch,
-            # after rank 0 has told the others (on_exception saves there).
-            self.save(trainer, trainer.current_epoch + int(last))
-            raise SIGTERMException()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer, trainer.current_epoch + 1)
@@ -137,7 +139,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
 
     # metrics.csv sits beside the run's other outputs, so Lightning's "directory not empty" note is expected.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+    if rank_zero_only.rank == 0:
+        _continue_metrics(csv_logger, run_dir, cfg.get("resume"))
+    loggers: list[Any] = [csv_logger]
     name = cfg.logger.name
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -171,6 +176,24 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
             id_file.write_text(run_id)
         loggers.append(logger)
     return loggers
+
+
+def _continue_metrics(logger: Any, run_dir: Path, resume: Any) -> None:
+    """A run continued in its own directory keeps the metrics.csv rows logged before the stop.
+
+    (Lightning's CSV writer deletes an existing file; its rows are handed back to the new writer.)
+    """
+    import csv
+
+    path = run_dir / "metrics.csv"
+    if not resume or Path(str(resume)).resolve().parent.parent != run_dir.resolve() or not path.is_file():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        keys, rows = list(reader.fieldnames or []), list(reader)
+    writer = logger.experiment  # creating the writer removes the old file
+    writer.metrics_keys = keys
+    writer.metrics = [{k: v for k, v in row.items() if v != ""} for row in rows]
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:

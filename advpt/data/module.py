@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -59,55 +59,63 @@ class EpochSampler(Sampler):
         return ((epoch, int(i)) for i in order[start:])
 
 
-class ResumableLoader(DataLoader):
-    """A training DataLoader whose position within the epoch goes into Lightning's checkpoints.
-
-    Lightning saves ``state_dict()`` of every training loader that has one and hands it back to
-    ``load_state_dict()`` before iterating on resume; the position is read from the Trainer (the
-    batches it has trained on this epoch), which knows it exactly whatever the loader prefetched.
-    """
-
-    progress: Callable[[], int] | None = None
-
-    def state_dict(self) -> dict[str, int]:
-        sampler = self.sampler
-        assert isinstance(sampler, EpochSampler)
-        return {"epoch": sampler.epoch, "batches": self.progress() if self.progress else 0}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        sampler = self.sampler
-        assert isinstance(sampler, EpochSampler)
-        epoch, batches = int(state["epoch"]), int(state["batches"])
-        if batches >= len(self):  # saved at the end of an epoch: the next one starts afresh
-            epoch, batches = epoch + 1, 0
-        sampler.epoch, sampler.skip = epoch, batches * int(self.batch_size or 1)
-
-
 def train_loader(
-    dataset: Dataset,
-    batch_size: int,
-    seed: int,
-    num_workers: int,
-    trainer: L.Trainer | None = None,
-    drop_last: bool = True,
-) -> ResumableLoader:
-    """The shuffled, per-rank, resumable training loader shared by pre-training and fine-tuning."""
+    dataset: Dataset, batch_size: int, seed: int, num_workers: int, trainer: L.Trainer | None = None
+) -> DataLoader:
+    """The shuffled, per-rank training loader shared by pre-training and fine-tuning."""
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     sampler = EpochSampler(len(dataset), seed, rank=rank, world=world)
-    loader = ResumableLoader(
+    return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        drop_last=drop_last and len(sampler) >= batch_size,
+        drop_last=len(sampler) >= batch_size,  # mixup pairs need an even batch
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         # The loader draws its workers' base seed from this, not from the global generator.
         generator=torch.Generator().manual_seed(seed),
     )
-    if trainer is not None:
-        loader.progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    return loader
+
+
+class ResumableData(L.LightningDataModule):
+    """A datamodule whose position in the training epoch goes into Lightning's checkpoints.
+
+    Lightning restores a datamodule's ``state_dict`` before it asks for the training loader (its
+    loader-level state is applied only after the loader has been built and iterated for
+    ``estimated_stepping_batches``), so the sampler is created already at the saved position.
+    """
+
+    _train: DataLoader | None = None
+    _resume: tuple[int, int] | None = None
+
+    def resumable_loader(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> DataLoader:
+        loader = train_loader(dataset, batch_size, seed, num_workers, self.trainer)
+        sampler = loader.sampler
+        assert isinstance(sampler, EpochSampler)
+        if self._resume is not None:
+            epoch, batches = self._resume
+            if batches >= len(loader):  # saved at the end of an epoch: the next one starts afresh
+                epoch, batches = epoch + 1, 0
+            sampler.epoch, sampler.skip = epoch, batches * batch_size
+            self._resume = None
+        self._train = loader
+        return loader
+
+    def state_dict(self) -> dict[str, int]:
+        if self._train is None or self.trainer is None:
+            return {}
+        sampler = self._train.sampler
+        assert isinstance(sampler, EpochSampler)
+        # Batches of this epoch the Trainer has trained on (whatever the loader has prefetched).
+        return {
+            "epoch": sampler.epoch,
+            "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            self._resume = (int(state["epoch"]), int(state["batches"]))
 
 
 class Transformed(Dataset):
@@ -133,7 +141,7 @@ class Transformed(Dataset):
             return self.transform(image), label
 
 
-class PretrainData(L.LightningDataModule):
+class PretrainData(ResumableData):
     def __init__(self, data: Mapping[str, Any], views: str, image_size: int, seed: int = 0) -> None:
         super().__init__()
         self.cfg, self.views, self.image_size, self.seed = dict(data), views, image_size, seed
@@ -141,10 +149,9 @@ class PretrainData(L.LightningDataModule):
         self.num_classes = num_classes(self.source)
 
     def train_dataloader(self) -> DataLoader:
-        return train_loader(
+        return self.resumable_loader(
             Transformed(self.source, pretrain_views(self.views, self.image_size), seed=self.seed),
             batch_size=int(self.cfg["batch_size"]),
             seed=self.seed,
             num_workers=int(self.cfg.get("num_workers", 0)),
-            trainer=self.trainer,
         )
