@@ -25,7 +25,7 @@ from advpt.data.module import ResumableData
 from advpt.errors import UserError
 from advpt.models import IMAGENET_MEAN, IMAGENET_STD, Encoder, timm_kwargs
 
-SCRATCH_MODEL = "vit_tiny_patch4_32"  # pretrained=none without model=: pretrain's default model
+SCRATCH_MODEL = "vit_mini_patch8_32"  # pretrained=none without model=: the CPU recipe's model
 LATEST_UNDER = Path("outputs") / "pretrain"
 HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init
 OPTIMIZERS = ("adamw", "momentum")
@@ -225,18 +225,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], 
     As in MAE and big_vision, the cosine spans the steps after the warm-up (``warmup_prefix``), so the
     peak lr is reached exactly when the warm-up ends: lr(t) = lr·t/W for t < W.
     """
-    from timm.scheduler import CosineLRScheduler
+    from advpt.methods.base import warmup_cosine
 
-    warmup = int(round(float(optim["warmup_fraction"]) * total_steps))
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, total_steps - warmup),
-        lr_min=float(optim["min_lr"]),
-        warmup_t=warmup,
-        warmup_lr_init=0.0,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    return warmup_cosine(optimizer, total_steps, float(optim["warmup_fraction"]), float(optim["min_lr"]))
 
 
 class _Unnormalize(nn.Module):
@@ -267,12 +258,16 @@ def train_transform(optim: Mapping[str, Any], size: int) -> Any:
         )
     from timm.data import create_transform
 
+    from advpt.data.transforms import with_safe_posterize
+
     # timm's pipeline as MAE calls it, with ImageNet statistics so that RandAugment's fill colour and the
     # noise of random erasing are MAE's; undone at the end, erased pixels clipped into [0, 1].
     timm_transform = create_transform(
         size,
         is_training=True,
-        auto_augment=optim["auto_augment"],
+        scale=tuple(float(v) for v in optim.get("scale", (0.08, 1.0))),
+        hflip=float(optim.get("hflip", 0.5)),
+        auto_augment=optim["auto_augment"] or None,
         color_jitter=None,
         interpolation="bicubic",
         re_prob=float(optim["re_prob"]),
@@ -281,29 +276,8 @@ def train_transform(optim: Mapping[str, Any], size: int) -> Any:
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )
-    for op in _augment_ops(timm_transform):
-        if op.name.startswith("Posterize"):
-            op.aug_fn = _posterize
+    with_safe_posterize(timm_transform)
     return T.Compose([T.ToPILImage(), timm_transform, _Unnormalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def _augment_ops(transform: Any) -> list[Any]:
-    """The ``AugmentOp`` objects of timm's RandAugment / AutoAugment inside a composed transform."""
-    ops = []
-    for t in getattr(transform, "transforms", []):
-        ops.extend(getattr(t, "ops", None) or [op for pol in getattr(t, "policy", []) for op in pol])
-    return ops
-
-
-def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
-    """timm's posterize, also at the top magnitude: keeping 0 bits is black (Pillow >= 11 refuses bits=0)."""
-    from PIL import Image, ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
 
 
 # -- data and module ------------------------------------------------------------------------------

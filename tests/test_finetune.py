@@ -217,7 +217,7 @@ def test_pretrained_none_uses_the_model_group(tmp_path: Path, monkeypatch) -> No
     cfg = check(compose("finetune", ["pretrained=none", "model=vit_micro"]), touch_data=False)
     assert cfg.pretrained == "none" and cfg.model.name == "vit_tiny_patch16_224" and cfg.model.img_size == 16
     cfg = check(compose("finetune", ["pretrained=none"]), touch_data=False)  # pretrain's default model
-    assert cfg.model.img_size == 32 and cfg.model.patch_size == 4
+    assert cfg.model.img_size == 32 and cfg.model.patch_size == 8
 
 
 def test_latest_is_the_newest_encoder_here(pretrain_run: Path, tmp_path: Path, monkeypatch) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,24 +12,37 @@ from torchvision.transforms import v2 as T
 BICUBIC = InterpolationMode.BICUBIC
 
 
-def crop_flip(size: int, scale: tuple[float, float]) -> T.Compose:
-    return T.Compose(
-        [
-            T.ToImage(),
-            T.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
-            T.RandomHorizontalFlip(),
-            T.ToDtype(torch.float32, scale=True),
-        ]
-    )
+def crop_flip(size: int, scale: tuple[float, float], auto_augment: str | None = None) -> T.Compose:
+    """Random resized crop + horizontal flip, then timm's RandAugment when ``auto_augment`` names one
+    (e.g. ``rand-m9-mstd0.5-inc1``: 2 ops at magnitude 9 with std 0.5, He et al. 2022's from-scratch recipe)."""
+    ops: list[Any] = [
+        T.ToImage(),
+        T.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
+        T.RandomHorizontalFlip(),
+    ]
+    if auto_augment:
+        from timm.data.auto_augment import rand_augment_transform
+
+        from advpt.models import IMAGENET_MEAN
+
+        # On PIL images, with the ImageNet mean as fill colour, as timm's create_transform sets it up.
+        fill = tuple(round(255 * m) for m in IMAGENET_MEAN)
+        randaugment = rand_augment_transform(
+            auto_augment, {"translate_const": int(size * 0.45), "img_mean": fill}
+        )
+        ops += [T.ToPILImage(), with_safe_posterize(randaugment), T.ToImage()]
+    return T.Compose([*ops, T.ToDtype(torch.float32, scale=True)])
 
 
-def byol_view(size: int, blur_p: float, solarize_p: float) -> T.Compose:
+def byol_view(
+    size: int, blur_p: float, solarize_p: float, scale: tuple[float, float] = (0.08, 1.0)
+) -> T.Compose:
     """One of BYOL's two asymmetric views (Grill et al. 2020, Table 6)."""
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the image side, odd
     return T.Compose(
         [
             T.ToImage(),
-            T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=BICUBIC, antialias=True),
+            T.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
             T.RandomHorizontalFlip(),
             T.ToDtype(torch.float32, scale=True),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
@@ -38,6 +51,27 @@ def byol_view(size: int, blur_p: float, solarize_p: float) -> T.Compose:
             T.RandomSolarize(0.5, p=solarize_p),
         ]
     )
+
+
+def with_safe_posterize(transform: Any) -> Any:
+    """timm's RandAugment / AutoAugment (possibly inside a Compose) with a posterize that also works at the
+    top magnitude: keeping 0 bits is black (Pillow >= 11 refuses bits=0). Returns ``transform``."""
+    for t in [transform, *getattr(transform, "transforms", [])]:
+        ops = getattr(t, "ops", None) or [op for pol in getattr(t, "policy", []) for op in pol]
+        for op in ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
+
+
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 class Views:
@@ -50,16 +84,20 @@ class Views:
         return [t(image) for t in self.transforms]
 
 
-def pretrain_views(kind: str, size: int) -> Views:
-    """The augmentation of each method: MAE crops+flip, BYOL's two views, crops+flip otherwise."""
+def pretrain_views(views: str | Mapping[str, Any], size: int) -> Views:
+    """The augmentation of each method (the method config's ``views``: a kind, or a mapping with ``kind``
+    and optionally ``crop_scale`` and ``auto_augment``): MAE crops + flip, BYOL's two views, crops + flip
+    (+ RandAugment) for RotNet and supervised."""
+    spec = {"kind": views} if isinstance(views, str) else dict(views)
+    kind = spec["kind"]
+    default_scale = (0.2, 1.0) if kind == "mae" else (0.08, 1.0)
+    scale = tuple(float(v) for v in spec.get("crop_scale") or default_scale)
     if kind == "mae":
-        return Views([crop_flip(size, (0.2, 1.0))])
+        return Views([crop_flip(size, scale)])
     if kind == "byol":
-        return Views(
-            [byol_view(size, blur_p=1.0, solarize_p=0.0), byol_view(size, blur_p=0.1, solarize_p=0.2)]
-        )
+        return Views([byol_view(size, 1.0, 0.0, scale), byol_view(size, 0.1, 0.2, scale)])
     if kind in ("rotnet", "supervised"):
-        return Views([crop_flip(size, (0.08, 1.0))])
+        return Views([crop_flip(size, scale, spec.get("auto_augment"))])
     raise ValueError(f"unknown augmentation {kind!r}")
 
 

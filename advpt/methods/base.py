@@ -27,6 +27,26 @@ def effective_batch(module: L.LightningModule, batch_size: int) -> int:
     return batch_size * trainer.accumulate_grad_batches * trainer.world_size
 
 
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float, min_lr: float
+) -> Any:
+    """MAE's schedule (``util/lr_sched.py``): linear from 0 over the warm-up, then a half-cycle cosine
+    from the peak to ``min_lr`` over the remaining steps; per optimiser step.
+
+    timm's ``warmup_prefix`` starts the cosine where the warm-up ends, so the peak is reached exactly there.
+    """
+    warmup = int(round(warmup_fraction * total_steps))
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup),
+        lr_min=min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
 class PretrainMethod(L.LightningModule):
     """Base LightningModule: holds the encoder and the attack; subclasses write ``training_step``.
 
@@ -47,7 +67,8 @@ class PretrainMethod(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.method_cfg = dict(method)
-        self.encoder = Encoder.from_config(model)
+        # Stochastic depth is a training regulariser: the exported encoder.json leaves it out.
+        self.encoder = Encoder.from_config(model, drop_path_rate=float(method.get("drop_path_rate", 0.0)))
         self.attack = Attack(**attack) if attack else None
         self.batch_size = batch_size
         self.seed = seed
@@ -112,14 +133,7 @@ class PretrainMethod(L.LightningModule):
             self, opt="adamw", lr=self.lr, weight_decay=float(m["weight_decay"]), betas=tuple(m["betas"])
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = CosineLRScheduler(
-            optimizer,
-            t_initial=total,
-            lr_min=self.lr * 1e-3,
-            warmup_t=int(float(m["warmup_fraction"]) * total),
-            warmup_lr_init=self.lr * 1e-3,
-            t_in_epochs=False,
-        )
+        scheduler = warmup_cosine(optimizer, total, float(m["warmup_fraction"]), float(m.get("min_lr", 0.0)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
@@ -130,15 +144,21 @@ class PretrainMethod(L.LightningModule):
         return {f"encoder.vit.{n}" for n in self.encoder.vit.no_weight_decay()}
 
     # -- export -----------------------------------------------------------------------------
+    def exported_encoder(self) -> Encoder:
+        """The encoder that pre-training hands on (a method with a weight average returns the average)."""
+        return self.encoder
+
     def export_encoder(self, directory: str | Path) -> Path:
         """Write the encoder alone as a timm state dict plus the ``create_model`` call that loads it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.vit.state_dict().items()}
+        encoder = self.exported_encoder()
+        state = {k: v.detach().cpu().contiguous() for k, v in encoder.vit.state_dict().items()}
         path = directory / "encoder.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file(state, str(tmp))
         tmp.replace(path)
-        spec = {"name": self.encoder.name, "kwargs": self.encoder.kwargs, "method": self.method_cfg["name"]}
+        kwargs = {k: v for k, v in encoder.kwargs.items() if k != "drop_path_rate"}
+        spec = {"name": encoder.name, "kwargs": kwargs, "method": self.method_cfg["name"]}
         (directory / "encoder.json").write_text(json.dumps(spec, indent=2))
         return path

@@ -1,4 +1,9 @@
-"""Classification pretext losses: RotNet (paper eq. 5) and supervised pre-training (Madry et al.)."""
+"""Classification pretext losses: RotNet (paper eq. 5) and supervised pre-training (Madry et al.).
+
+Both follow He et al. (2022)'s from-scratch ViT recipe (the paper's App. C): label smoothing, drop path,
+RandAugment (in the views) and a weight EMA whose average is the encoder handed on; supervised adds mixup
+and cutmix, which RotNet leaves out.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
+from timm.data.mixup import mixup_target
+from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from advpt.methods.base import PretrainMethod
@@ -30,7 +37,7 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 
 
 class Classifier(PretrainMethod):
-    """Encoder + linear head on the mean-pooled tokens, trained on cross-entropy."""
+    """Encoder + linear head on the mean-pooled tokens, trained on (label-smoothed) cross-entropy."""
 
     num_outputs: int
 
@@ -39,6 +46,24 @@ class Classifier(PretrainMethod):
         self.head = nn.Linear(self.encoder.dim, self.num_outputs)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.smoothing = float(self.method_cfg.get("label_smoothing", 0.0))
+        # Weight EMA of the encoder (timm's, as DeiT / MAE use it): no gradient, so no optimiser group.
+        decay = float(self.method_cfg.get("ema_decay") or 0.0)
+        self.ema = ModelEmaV3(self.encoder, decay=decay).requires_grad_(False) if decay > 0 else None
+
+    def smoothed(self, labels: Tensor) -> Tensor:
+        """Integer labels, or their label-smoothed one-hot targets (timm's ``mixup_target`` at lam=1)."""
+        if self.smoothing <= 0:
+            return labels
+        return mixup_target(labels, self.num_outputs, lam=1.0, smoothing=self.smoothing)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # after the update only: the attack never moves the average
+            self.ema.update(self.encoder, step=self.global_step)  # updates done so far, as timm's train.py
+
+    def exported_encoder(self) -> Any:
+        return self.ema.module if self.ema is not None else self.encoder
 
     def logits(self, x: Tensor) -> Tensor:
         return self.head(self.encoder.features(x))
@@ -66,7 +91,7 @@ class RotNet(Classifier):
 
     def inputs_and_targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         quarter_turns = torch.randint(0, 4, (images.shape[0],), device=images.device)
-        return rotate(images, quarter_turns), quarter_turns
+        return rotate(images, quarter_turns), self.smoothed(quarter_turns)
 
 
 class Supervised(Classifier):
@@ -93,9 +118,4 @@ class Supervised(Classifier):
     def inputs_and_targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         if self.mixup is not None and images.shape[0] % 2 == 0:
             return self.mixup(images, labels)
-        smoothing = float(self.method_cfg.get("label_smoothing", 0.0))
-        if smoothing > 0:
-            off = smoothing / self.num_outputs
-            targets = torch.full((labels.shape[0], self.num_outputs), off, device=images.device)
-            return images, targets.scatter_(1, labels.unsqueeze(1), 1.0 - smoothing + off)
-        return images, labels
+        return images, self.smoothed(labels)
