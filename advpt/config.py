@@ -175,6 +175,8 @@ def check_pretrain(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
         if cfg.method.name not in METHODS:
             raise UserError(f"unknown method {cfg.method.name!r}; choose one of {', '.join(METHODS)}")
         check_attack(cfg)
+        if not isinstance(cfg.get("compile", False), bool):
+            raise UserError(f"compile={cfg.compile} is invalid: expected true or false")
         if cfg.method.name == "mae" and not 0 < float(cfg.method.mask_ratio) < 1:
             raise UserError(f"method.mask_ratio={cfg.method.mask_ratio} must be strictly between 0 and 1")
         check_run(cfg, touch_data)

@@ -237,6 +237,7 @@ def build_module(cfg: DictConfig, num_classes: int) -> PretrainMethod:
         num_classes=num_classes,
         batch_size=int(cfg.data.batch_size),
         seed=int(cfg.seed),
+        compile=bool(cfg.compile),
     )
 
 

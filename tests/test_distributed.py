@@ -362,3 +362,33 @@ def test_docker_image_installs_this_package_on_a_torch_that_satisfies_it() -> No
     assert re.search(r"^RUN pip install \. ", text, re.M)  # the package itself, nothing pinned beside it
     assert re.search(r"^USER advpt$", text, re.M) and re.search(r'^ENTRYPOINT \["advpt"\]', text, re.M)
     assert ".venv" in (ROOT / ".dockerignore").read_text().split()
+
+
+# -- speed settings -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compiled_blocks_in_bf16_train_under_the_attack(tmp_path: Path) -> None:
+    import json
+
+    import timm
+
+    run = tmp_path / "run"
+    done = advpt(
+        [
+            "pretrain",
+            "method=mae",
+            "attack=l2",
+            "compile=true",
+            "trainer.precision=bf16-mixed",
+            "trainer.max_steps=2",
+            f"hydra.run.dir={run}",
+            *QUIET,
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    spec = json.loads((run / "encoder.json").read_text())
+    vit = timm.create_model(spec["name"], **spec["kwargs"])
+    vit.load_state_dict(load_file(str(run / "encoder.safetensors")))  # compiled in place: same names
+    losses = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()]
+    column = losses[0].index("train/loss")
+    assert all(float(row[column]) == float(row[column]) for row in losses[1:] if row[column])  # no NaN

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from safetensors.torch import save_file
+from timm.models.vision_transformer import Block
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import Tensor
@@ -63,6 +64,7 @@ class PretrainMethod(L.LightningModule):
         num_classes: int = 0,
         batch_size: int = 64,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -72,6 +74,18 @@ class PretrainMethod(L.LightningModule):
         self.attack = Attack(**attack) if attack else None
         self.batch_size = batch_size
         self.seed = seed
+        self.compile_blocks = compile
+
+    def configure_model(self) -> None:
+        """``compile=true``: torch.compile every transformer block (encoder, MAE decoder, BYOL target).
+
+        Blocks are compiled in place (``nn.Module.compile``), so parameter names, checkpoints and the
+        exported encoder are unchanged; the attack's loop and the methods' glue stay eager.
+        """
+        if self.compile_blocks:
+            for module in self.modules():
+                if isinstance(module, Block):
+                    module.compile()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_batch(self.seed, self.current_epoch, batch_idx, self.global_rank)
