@@ -4,6 +4,7 @@ environment errors as one line."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -392,3 +393,35 @@ def test_compiled_blocks_in_bf16_train_under_the_attack(tmp_path: Path) -> None:
     losses = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()]
     column = losses[0].index("train/loss")
     assert all(float(row[column]) == float(row[column]) for row in losses[1:] if row[column])  # no NaN
+
+
+@pytest.mark.slow
+def test_two_nodes_started_by_hand_join_one_run(tmp_path: Path) -> None:
+    """``trainer.num_nodes=2``: the same command on each node with NODE_RANK, MASTER_ADDR/PORT set."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    args = [
+        ADVPT,
+        "pretrain",
+        "trainer.max_steps=2",
+        "trainer.num_nodes=2",
+        f"hydra.run.dir={run}",
+        *QUIET,
+        *DDP,
+    ]
+    args = [a for a in args if a != "trainer.devices=2"] + ["trainer.devices=1"]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    nodes = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env={**env, "NODE_RANK": str(r)}, stderr=subprocess.PIPE, text=True
+        )
+        for r in (0, 1)
+    ]
+    errors = [node.communicate(timeout=600)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    assert "MEMBER: 2/2" in errors[0] + errors[1]
+    assert outputs(run)["last.ckpt"] == 1 and outputs(run)["encoder.safetensors"] == 1
