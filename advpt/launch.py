@@ -164,6 +164,10 @@ def processes(trainer: Any, command: str, run_dir: Path) -> Iterator[None]:
         for child in children:
             child.wait()
         raise Preempted(run_dir, trainer.global_step) from None
+    except BaseException:
+        for child in children:  # a worker left waiting in a collective would hang until its timeout
+            child.kill()
+        raise
     finally:
         signal.signal(signal.SIGUSR1, previous)
         if children:
