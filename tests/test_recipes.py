@@ -233,3 +233,20 @@ def test_byol_target_decay_starts_at_grill_et_al_base() -> None:
     assert cosine_momentum(0, 1000, base) == pytest.approx(0.996)
     assert cosine_momentum(500, 1000, base) == pytest.approx(1 - 0.004 / 2)
     assert cosine_momentum(1000, 1000, base) == pytest.approx(1.0)
+
+
+def test_cpu_fine_tuning_keeps_digits_digits() -> None:
+    from advpt.finetune import train_transform
+
+    optim = composed("finetune")["optim"]
+    transform = train_transform(optim, 32)
+    timm_steps = transform.transforms[1].transforms
+    names = [type(t).__name__ for t in timm_steps]
+    assert "RandomHorizontalFlip" not in names and "RandomErasing" not in names
+    assert not any(hasattr(t, "ops") for t in timm_steps)  # no RandAugment
+    crop = next(t for t in timm_steps if type(t).__name__ == "RandomResizedCropAndInterpolation")
+    assert tuple(crop.scale) == (0.8, 1.0)
+    paper = train_transform(composed("finetune", "recipe=paper")["optim"], 32).transforms[1].transforms
+    assert any(hasattr(t, "ops") for t in paper) and "RandomHorizontalFlip" in [
+        type(t).__name__ for t in paper
+    ]
