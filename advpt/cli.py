@@ -8,7 +8,12 @@ import shutil
 import sys
 from pathlib import Path
 
+from advpt.config import register_resolvers as register_config_resolvers
 from advpt.errors import UserError
+from advpt.quiet import silence_noise
+
+# At import: jobs that a launcher runs in another process (submitit) resolve the configs there too.
+register_config_resolvers()
 
 COMMANDS = {
     "pretrain": (
@@ -64,21 +69,22 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    silence_noise()
     from advpt.launch import register_resolvers
 
     register_resolvers()
+    register_config_resolvers()
     multirun = any(a in ("-m", "--multirun") for a in overrides)
+    if any(a in ("--help", "-h") for a in overrides):
+        _print_help(command, [a for a in overrides if not a.startswith("-")])
+        sys.exit(0)
     if not any(a.split("=")[0] in _INSPECT_FLAGS for a in overrides):
         from advpt.config import validate
 
         plain = [a for a in overrides if not a.startswith("-")]
         try:
-            validate(
-                command,
-                plain,
-                multirun,
-                check=getattr(importlib.import_module(COMMANDS[command][0]), "check", None),
-            )
+            # Cheap checks of every job first; the command's module (torch, Lightning, timm) after them.
+            validate(command, plain, multirun, module=COMMANDS[command][0])
         except UserError as e:
             fail(str(e), command)
         if not multirun and any(a.startswith("resume=auto") for a in plain):
@@ -91,6 +97,30 @@ def main(argv: list[str] | None = None) -> None:
     _run_hydra(command, overrides)
 
 
+def _print_help(command: str, overrides: list[str]) -> None:
+    """``advpt COMMAND --help``: conf/hydra/help/advpt.yaml's template, filled as Hydra fills it, without
+    Hydra's listing of every group in the config folder (which also takes seconds)."""
+    from string import Template
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from advpt.config import compose, describe_hydra_error
+
+    try:
+        cfg = compose(command, overrides, hydra=True)
+    except Exception as e:
+        fail(describe_hydra_error(e, command), command)
+    HydraConfig.instance().set_config(cfg)
+    template = str(cfg.hydra.help.template)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        print(Template(template).safe_substitute(CONFIG=OmegaConf.to_yaml(cfg)), flush=True)
+    except BrokenPipeError:  # `advpt pretrain --help | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _run_hydra(command: str, overrides: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -99,12 +129,12 @@ def _run_hydra(command: str, overrides: list[str]) -> None:
     from advpt.config import CONF_DIR
     from advpt.launch import PREEMPTED_EXIT, Preempted, register_resolvers
 
-    job = importlib.import_module(COMMANDS[command][0])
-
     @hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")
     def task(cfg: DictConfig) -> None:
         out = Path(HydraConfig.get().runtime.output_dir)
         try:
+            # Imported here, not before: --help and --cfg never need torch, Lightning or timm.
+            job = importlib.import_module(COMMANDS[command][0])
             job.run(cfg)
         except UserError as e:
             # Leave nothing half-written: a run directory that never got a checkpoint is removed.

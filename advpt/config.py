@@ -5,6 +5,7 @@ Every check raises :class:`UserError` with one line that names the bad value and
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import itertools
 import math
@@ -12,11 +13,12 @@ import os
 import socket
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from advpt.errors import UserError
 
@@ -86,15 +88,37 @@ def attack_kwargs(cfg: DictConfig) -> dict[str, Any] | None:
     }
 
 
-def check_trainer(trainer_cfg: DictConfig) -> None:
-    import lightning as L
+def trainer_arguments() -> set[str]:
+    """The keyword arguments of ``lightning.Trainer``, read from its source without importing Lightning
+    (importing it takes seconds); falls back on the import if the source is not where it should be."""
+    import ast
+    import importlib.util
 
-    accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self", "logger", "callbacks"}
+    spec = importlib.util.find_spec("lightning")  # a top-level package: found, not imported
+    source = Path(spec.origin).parent / "pytorch" / "trainer" / "trainer.py" if spec and spec.origin else None
+    try:
+        tree = ast.parse(source.read_text())  # type: ignore[union-attr]
+        trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+        init = next(n for n in trainer.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+        names = {a.arg for a in init.args.args + init.args.kwonlyargs}
+    except (OSError, AttributeError, StopIteration, SyntaxError):
+        import lightning as L
+
+        names = set(inspect.signature(L.Trainer.__init__).parameters)
+    return names - {"self", "logger", "callbacks"}
+
+
+def check_trainer_arguments(trainer_cfg: DictConfig) -> None:
+    accepted = trainer_arguments()
     for key in trainer_cfg:
         if key not in accepted:
             raise UserError(
                 f"trainer.{key} is not a Lightning Trainer argument (see lightning.Trainer's documentation)"
             )
+
+
+def check_trainer(trainer_cfg: DictConfig) -> None:
+    check_trainer_arguments(trainer_cfg)
     check_environment(trainer_cfg)
 
 
@@ -172,35 +196,193 @@ def check_pretrain(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
     from advpt.methods import METHODS
 
     with open_dict(cfg):
+        check_arguments("pretrain", cfg)
         if cfg.method.name not in METHODS:
             raise UserError(f"unknown method {cfg.method.name!r}; choose one of {', '.join(METHODS)}")
-        check_attack(cfg)
-        if not isinstance(cfg.get("compile", False), bool):
-            raise UserError(f"compile={cfg.compile} is invalid: expected true or false")
-        if cfg.method.name == "mae" and not 0 < float(cfg.method.mask_ratio) < 1:
-            raise UserError(f"method.mask_ratio={cfg.method.mask_ratio} must be strictly between 0 and 1")
         check_run(cfg, touch_data)
     return cfg
 
 
 def check_run(cfg: DictConfig, touch_data: bool = True) -> None:
-    """What every training command checks: model geometry, Trainer arguments, checkpointing, resume, data."""
-    if cfg.model.img_size % cfg.model.patch_size:
-        raise UserError(
-            f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size={cfg.model.patch_size}"
-        )
-    check_trainer(cfg.trainer)
-    _positive_int(cfg.checkpoint_every_n_steps, "checkpoint_every_n_steps")
+    """What every training command checks after :func:`check_arguments`: the machine, resume, data."""
+    check_environment(cfg.trainer)
     if cfg.resume is not None and str(cfg.resume) != "auto":
         from advpt.launch import read_progress
 
-        if not Path(str(cfg.resume)).is_file():
-            raise UserError(
-                f"resume={cfg.resume} is not a checkpoint file (give a run's checkpoints/last.ckpt, or auto)"
-            )
         read_progress(Path(str(cfg.resume)))  # one line if it is not a readable checkpoint
     if touch_data:
         check_data(cfg)
+
+
+# -- the checks that need no heavy import: run on every job before torch / Lightning / timm load ---
+@dataclass(frozen=True)
+class Range:
+    """What a numeric setting accepts: a number (or an integer) between two bounds, each open or closed.
+
+    ``each``: the setting is a list and every item must be in range; ``special``: values also accepted
+    (Lightning's -1 = no limit, null = default); ``text``: says what is accepted, instead of the bounds.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    each: bool = False
+    special: tuple[Any, ...] = ()
+    text: str | None = None
+
+    def accepts(self, value: float) -> bool:
+        return (
+            math.isfinite(value)
+            and (self.low is None or value > self.low or (value == self.low and not self.low_open))
+            and (self.high is None or value < self.high or (value == self.high and not self.high_open))
+        )
+
+    def describe(self) -> str:
+        if self.text:
+            return self.text
+        what = "an integer" if self.integer else "a number"
+        if self.low is not None and self.high is not None:
+            bounds = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            bounds = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            bounds = f"{'<' if self.high_open else '<='} {self.high:g}"
+        extra = " or ".join("null" if v is None else str(v) for v in self.special)
+        return f"expected {'each item to be ' if self.each else ''}{what} {bounds}" + (
+            f" (or {extra})" if extra else ""
+        )
+
+
+def check_range(cfg: DictConfig, key: str, rule: Range) -> None:
+    """One setting against its :class:`Range` (absent keys are skipped: not every method has every key)."""
+    missing = object()
+    value = OmegaConf.select(cfg, key, default=missing)
+    if value is missing or value in rule.special:
+        return
+    items = (
+        list(value) if rule.each and isinstance(value, Iterable) and not isinstance(value, str) else [value]
+    )
+    for item in items:
+        if rule.integer:
+            good = isinstance(item, int) and not isinstance(item, bool) and rule.accepts(item)
+            if not good:
+                raise UserError(f"{key}={_show(value)} is invalid: {rule.describe()}")
+            continue
+        if not rule.accepts(parse_number(item, key)):
+            raise UserError(f"{key}={_show(value)} is out of range: {rule.describe()}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value)
+    return str(value).replace(" ", "")
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1): rates, warm-up shares, smoothing, drop path
+PROBABILITY = Range(0, 1)
+COUNT = Range(1, integer=True)
+INDEX = Range(0, integer=True)
+OPTIONAL_COUNT = Range(1, integer=True, special=(None,))
+LAYER_DECAY = Range(
+    0,
+    1,
+    low_open=True,
+    text="use 0 < γ <= 1 (1 = plain fine-tuning; the paper sweeps 0.65, 0.75, 0.85, 0.95)",
+)
+
+# Every numeric hyper-parameter of each command, checked before anything is imported or written.
+_TRAINING = {
+    "seed": INDEX,
+    "checkpoint_every_n_steps": COUNT,
+    "data.batch_size": COUNT,
+    "data.num_workers": INDEX,
+    "trainer.max_epochs": Range(1, integer=True, special=(-1, None)),
+    "trainer.max_steps": Range(1, integer=True, special=(-1, None)),
+    "trainer.accumulate_grad_batches": COUNT,
+    "trainer.log_every_n_steps": COUNT,
+    "trainer.gradient_clip_val": Range(0, special=(None,)),
+}
+RANGES: dict[str, dict[str, Range]] = {
+    "pretrain": {
+        **_TRAINING,
+        "method.base_lr": POSITIVE,
+        "method.weight_decay": NON_NEGATIVE,
+        "method.betas": Range(0, 1, high_open=True, each=True),
+        "method.warmup_fraction": FRACTION,
+        "method.min_lr": NON_NEGATIVE,
+        "method.mask_ratio": Range(0, 1, low_open=True, high_open=True),
+        "method.momentum": PROBABILITY,  # BYOL's target decay at step 0
+        "method.ema_decay": FRACTION,
+        "method.label_smoothing": FRACTION,
+        "method.drop_path_rate": FRACTION,
+        "method.mixup": NON_NEGATIVE,
+        "method.cutmix": NON_NEGATIVE,
+        "method.views.crop_scale": Range(0, 1, low_open=True, each=True),
+    },
+    "finetune": {
+        **_TRAINING,
+        "layer_decay": LAYER_DECAY,
+        "optim.layer_decay": LAYER_DECAY,
+        "optim.lr": POSITIVE,
+        "optim.lr_batch": COUNT,
+        "optim.betas": Range(0, 1, high_open=True, each=True),
+        "optim.momentum": FRACTION,
+        "optim.weight_decay": NON_NEGATIVE,
+        "optim.warmup_fraction": FRACTION,
+        "optim.min_lr": NON_NEGATIVE,
+        "optim.gradient_clip_val": Range(0, special=(None,)),
+        "optim.drop_path_rate": FRACTION,
+        "optim.scale": Range(0, 1, low_open=True, each=True),
+        "optim.hflip": PROBABILITY,
+        "optim.re_prob": PROBABILITY,
+        "optim.mixup": NON_NEGATIVE,
+        "optim.cutmix": NON_NEGATIVE,
+        "optim.label_smoothing": FRACTION,
+    },
+    "evaluate": {
+        "seed": INDEX,
+        "batch_size": COUNT,
+        "num_workers": Range(0, integer=True, special=(None,)),
+        "max_images": OPTIONAL_COUNT,
+        "subset_max_images": OPTIONAL_COUNT,
+        "crop_pct": Range(0, 1, low_open=True),
+        "robust.steps": COUNT,
+        "robust.restarts": COUNT,
+        "robust.step_size": Range(0, low_open=True, special=(None,)),
+        "robust.max_images": OPTIONAL_COUNT,
+    },
+    "visualize": {"components": Range(1, integer=True, text="expected an integer >= 1 (the paper draws 28)")},
+}
+
+
+def check_arguments(command: str, cfg: DictConfig) -> None:
+    """The checks of a composed config that import nothing heavy: ranges, the attack, model geometry,
+    Trainer argument names, that a resume file and ``latest`` exist. Fills in ``eps`` for pretrain."""
+    if command == "pretrain":
+        check_attack(cfg)
+        if not isinstance(cfg.get("compile", False), bool):
+            raise UserError(f"compile={cfg.compile} is invalid: expected true or false")
+    for key, rule in RANGES.get(command, {}).items():
+        check_range(cfg, key, rule)
+    if command in ("pretrain", "finetune"):
+        model = cfg.get("model")
+        if model is not None and model.img_size % model.patch_size:
+            raise UserError(
+                f"model.img_size={model.img_size} is not a multiple of model.patch_size={model.patch_size}"
+            )
+        check_trainer_arguments(cfg.trainer)
+        if cfg.resume is not None and str(cfg.resume) != "auto" and not Path(str(cfg.resume)).is_file():
+            raise UserError(
+                f"resume={cfg.resume} is not a checkpoint file (give a run's checkpoints/last.ckpt, or auto)"
+            )
+    from advpt.runs import INPUTS, resolve_latest
+
+    if command in INPUTS and str(cfg.get(INPUTS[command][0])) == "latest":
+        resolve_latest(command)
 
 
 # -- composing ---------------------------------------------------------------------------------
@@ -219,19 +401,20 @@ def _expand_sweeps(overrides: list[str]) -> Iterable[list[str]]:
     return itertools.product(*choices)
 
 
-def compose(command: str, overrides: list[str]) -> DictConfig:
+def compose(command: str, overrides: list[str], hydra: bool = False) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=command):
-        return hydra_compose(command, overrides=overrides)
+        return hydra_compose(command, overrides=overrides, return_hydra_config=hydra)
 
 
-def validate(command: str, overrides: list[str], multirun: bool, check: Any = None) -> None:
+def validate(command: str, overrides: list[str], multirun: bool, module: str | None = None) -> None:
     """Compose and check every job the command line describes; raise :class:`UserError` on the first bad one.
 
-    ``check(cfg, touch_data)`` is the command's own semantic check (paths, ranges); data sources are
-    touched once per distinct data config.
+    Every job is composed and given :func:`check_arguments` first; only then is ``module`` (the
+    command's, which imports torch, Lightning, timm) imported for its ``check(cfg, touch_data)``:
+    the machine, paths, data. Data sources are touched once per distinct data config.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -241,16 +424,24 @@ def validate(command: str, overrides: list[str], multirun: bool, check: Any = No
             list(itertools.islice(_expand_sweeps(overrides), MAX_VALIDATED_JOBS)) if multirun else [overrides]
         )
         with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=command):
-            seen_data: set[str] = set()
-            for job in jobs:
-                cfg = hydra_compose(command, overrides=list(job))
-                data_key = OmegaConf.to_yaml(cfg.data) if "data" in cfg else ""
-                if check is not None:
-                    check(cfg, touch_data=data_key not in seen_data)
-                seen_data.add(data_key)
+            configs = [hydra_compose(command, overrides=list(job)) for job in jobs]
+    except Exception as e:  # Hydra / OmegaConf composition errors: reword as one line
+        raise UserError(describe_hydra_error(e, command)) from None
+    try:
+        for cfg in configs:
+            with open_dict(cfg):
+                check_arguments(command, cfg)
+        check = getattr(importlib.import_module(module), "check", None) if module else None
+        if check is None:
+            return
+        seen_data: set[str] = set()
+        for cfg in configs:
+            data_key = OmegaConf.to_yaml(cfg.data) if "data" in cfg else ""
+            check(cfg, touch_data=data_key not in seen_data)
+            seen_data.add(data_key)
     except UserError:
         raise
-    except Exception as e:  # Hydra / OmegaConf composition errors: reword as one line
+    except Exception as e:  # an interpolation that does not resolve, ...
         raise UserError(describe_hydra_error(e, command)) from None
 
 
@@ -279,3 +470,36 @@ def describe_hydra_error(e: BaseException, command: str) -> str:
         return f"{arg!r} lists several values: add -m (--multirun) to run one job per value"
     first = text.split(". ")[0] if text else type(e).__name__
     return first.replace("\n", " ")
+
+
+# -- resolvers of the command configs (registered when advpt.cli is imported) -------------------
+def safe_dirname(overrides: Any) -> str:
+    """Hydra's ``override_dirname`` as one folder name: a ``/`` in a value (``eps=4/255``) becomes ``_``;
+    names are cut at 200 characters (the job number before them keeps them apart)."""
+    return str(overrides).replace("/", "_")[:200]
+
+
+def command_groups() -> str:
+    """The config groups the running command composes, each with its options (``--help``; "" if none)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choices = HydraConfig.get().runtime.choices
+    lines = []
+    for group, chosen in sorted(choices.items()):
+        # Hydra's own groups, and recipe/<command>, which recipe= picks, are not typed by users.
+        if group.startswith("hydra/") or "/" in group or "@" in group:
+            continue
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        listed = ", ".join(f"{o}*" if o == chosen else o for o in options)
+        note = "  (default: read from the encoder)" if chosen is None else ""
+        lines.append(f"{group}: {listed}{note}")
+    if not lines:
+        return ""
+    if "model" in choices:
+        lines.append("(model.name in the config is the timm architecture that the model option builds)")
+    return "\n".join(["", "== Groups: group=option (* = current choice) ==", *lines, ""])
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("safe_dirname", safe_dirname, replace=True)
+    OmegaConf.register_new_resolver("command_groups", command_groups, replace=True)

@@ -41,9 +41,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from advpt.attacks import Attack, pgd
-from advpt.config import parse_number
+from advpt.config import check_arguments, parse_number
 from advpt.data.variants import EvalSet, group_mean, top1_correct
 from advpt.errors import UserError
+from advpt.runs import shown, summary
 
 SUITES = ("auto", "imagenet_variants")
 # The headline sets of each suite, as ``EvalSet.group`` names; the average says how many were present.
@@ -58,7 +59,6 @@ IMAGENET_SETS = (
     "imagenet_c",
 )
 CORRUPTIONS_GROUP = "corruptions"
-FINETUNE_RUNS = ("outputs/finetune/**/model.safetensors", "multirun/finetune/**/model.safetensors")
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16}
 
 Warn = Callable[[str], None]
@@ -77,23 +77,12 @@ class Score:
 
 
 # --------------------------------------------------------------------------------------- the checkpoint
-def latest_file(patterns: Sequence[str], cwd: Path | None = None) -> Path | None:
-    """The most recently modified file under ``cwd`` matching any of the glob ``patterns``."""
-    cwd = Path.cwd() if cwd is None else cwd
-    found = [p for pattern in patterns for p in cwd.glob(pattern) if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
-
-
 def resolve_checkpoint(value: Any) -> Path:
     """The ``model.safetensors`` that ``checkpoint=`` names (a fine-tuning run directory, the file, or latest)."""
     if value is None or str(value) == "latest":
-        path = latest_file(FINETUNE_RUNS)
-        if path is None:
-            raise UserError(
-                f"checkpoint=latest: no outputs/finetune/**/model.safetensors under {Path.cwd()}; "
-                "run advpt finetune first or pass checkpoint=PATH"
-            )
-        return path
+        from advpt.runs import resolve_latest
+
+        return resolve_latest("evaluate")
     path = Path(str(value)).expanduser()
     if not path.exists():
         raise UserError(
@@ -452,6 +441,7 @@ def _precision(value: Any) -> torch.dtype | None:
 
 def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
     """Check a composed ``evaluate`` config (paths, suite, ranges) before anything is written; returns it."""
+    check_arguments("evaluate", cfg)
     if cfg.suite not in SUITES:
         raise UserError(f"unknown suite {cfg.suite!r}; choose one of {', '.join(SUITES)}")
     weights = resolve_checkpoint(cfg.checkpoint)
@@ -611,4 +601,12 @@ def run(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     results = evaluate(cfg, out_dir)
     print(format_table(results))
-    print(f"results: {out_dir / 'results.json'}")
+    model_run = Path(results["checkpoint"]).parent
+    print(
+        summary(
+            "evaluate",
+            out_dir,
+            f"results in {shown(out_dir / 'results.json')}",
+            f"advpt visualize checkpoint={shown(model_run)}",
+        )
+    )

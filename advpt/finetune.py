@@ -16,17 +16,18 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from advpt.config import CONF_DIR, _positive_int, check_run, parse_number
+from advpt.config import CONF_DIR, check_arguments, check_run, parse_number
 from advpt.data.module import ResumableData
 from advpt.errors import UserError
 from advpt.models import IMAGENET_MEAN, IMAGENET_STD, Encoder, timm_kwargs
+from advpt.runs import number, read_record, shown, summary, write_record
 
 SCRATCH_MODEL = "vit_mini_patch8_32"  # pretrained=none without model=: the CPU recipe's model
-LATEST_UNDER = Path("outputs") / "pretrain"
 HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init
 OPTIMIZERS = ("adamw", "momentum")
 TRANSFORMS = ("randaugment", "resize_flip")
@@ -57,15 +58,11 @@ def _architecture(model: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": model["name"], **timm_kwargs(model)}
 
 
-def find_latest(under: Path = LATEST_UNDER) -> Path:
-    found = sorted(under.glob("**/encoder.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise UserError(
-            f"pretrained=latest found no {under}/**/encoder.safetensors here: run `advpt pretrain` first, "
-            "or pass pretrained=PATH (a pretrain run directory, encoder.safetensors or last.ckpt) "
-            "or pretrained=none"
-        )
-    return found[-1].resolve()
+def find_latest() -> Path:
+    """``pretrained=latest``: the encoder of the newest finished pretrain run here (``advpt.runs``)."""
+    from advpt.runs import resolve_latest
+
+    return resolve_latest("finetune").resolve()
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
@@ -430,17 +427,13 @@ class FineTuner(L.LightningModule):
 
 
 # -- the command ----------------------------------------------------------------------------------
-def _fraction(cfg: DictConfig, key: str, low: float, high: float, closed_high: bool = False) -> float:
-    value = parse_number(OmegaConf.select(cfg, key), key)
-    if not (low <= value < high or (closed_high and value == high)):
-        bracket = "]" if closed_high else ")"
-        raise UserError(f"{key}={value} is out of range: expected a number in [{low}, {high}{bracket}")
-    return value
-
-
 def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
-    """Check a composed ``finetune`` config; fill in the pre-trained file and its model config."""
+    """Check a composed ``finetune`` config; fill in the pre-trained file and its model config.
+
+    One layer decay remains: the top-level ``layer_decay`` (``optim.layer_decay`` is only its default).
+    """
     with open_dict(cfg):
+        check_arguments("finetune", cfg)
         optim = cfg.optim
         if optim.opt not in OPTIMIZERS:
             raise UserError(f"optim.opt={optim.opt} is not supported; choose one of {', '.join(OPTIMIZERS)}")
@@ -449,28 +442,13 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
                 f"optim.transform={optim.transform} is unknown; choose one of {', '.join(TRANSFORMS)}"
             )
         gamma = parse_number(cfg.layer_decay, "layer_decay")
-        if not 0 < gamma <= 1:
-            raise UserError(
-                f"layer_decay={cfg.layer_decay} is out of range: use 0 < γ <= 1 "
-                "(1 = plain fine-tuning; the paper sweeps 0.65, 0.75, 0.85, 0.95)"
-            )
         if optim.opt != "adamw" and gamma != 1:
             raise UserError(
                 f"layer_decay={cfg.layer_decay} does not apply to optim={optim.name}, which trains "
                 "every layer at one lr (Steiner et al.): leave layer_decay out, or use optim=adamw_lld"
             )
         cfg.layer_decay = gamma
-        if parse_number(optim.lr, "optim.lr") <= 0:
-            raise UserError(f"optim.lr={optim.lr} must be > 0")
-        _positive_int(optim.lr_batch, "optim.lr_batch")
-        _fraction(cfg, "optim.warmup_fraction", 0.0, 1.0)
-        _fraction(cfg, "optim.drop_path_rate", 0.0, 1.0)
-        _fraction(cfg, "optim.label_smoothing", 0.0, 1.0)
-        if optim.transform == "randaugment":
-            _fraction(cfg, "optim.re_prob", 0.0, 1.0, closed_high=True)
-        for key in ("optim.weight_decay", "optim.min_lr", "optim.mixup", "optim.cutmix"):
-            if parse_number(OmegaConf.select(cfg, key), key) < 0:
-                raise UserError(f"{key}={OmegaConf.select(cfg, key)} must be >= 0")
+        optim.pop("layer_decay", None)
 
         source = resolve_pretrained(cfg.pretrained)
         given = cfg.get("model")
@@ -545,6 +523,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> FineTuner | None:
     )
     if cfg.pretrained != "none":
         load_backbone(module.vit, load_encoder_state(Path(cfg.pretrained)))
+    if rank_zero_only.rank == 0:
+        print(f"advpt finetune: {loaded(cfg)}", flush=True)
     trainer = build_trainer(cfg, run_dir)
     with processes(trainer, "finetune", run_dir):
         trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
@@ -553,10 +533,32 @@ def fit(cfg: DictConfig, run_dir: Path) -> FineTuner | None:
             trainer.validate(module, datamodule=data, verbose=False)
     if trainer.is_global_zero:
         export_classifier(module, cfg, run_dir)
+        top1 = number(trainer.callback_metrics, "val/top1")
+        write_record(run_dir, "finetune", trainer.global_step, val_top1=top1, pretrained=str(cfg.pretrained))
     return module
+
+
+def loaded(cfg: DictConfig) -> str:
+    """Which encoder a run starts from, in words."""
+    model = f"{cfg.model.name}, {cfg.model.img_size} px, patch {cfg.model.patch_size}"
+    if cfg.pretrained == "none":
+        return f"no encoder loaded: training {model} from scratch (pretrained=none)"
+    return f"loaded encoder {shown(Path(cfg.pretrained))} ({model})"
+
+
+def summarise(run_dir: Path) -> str:
+    """The lines a fine-tuning run ends with: steps and val top-1, where it is, what to run next."""
+    record = read_record(run_dir)
+    steps, top1 = record.get("steps", 0), record.get("val_top1")
+    headline = f"{steps} step{'s' if steps != 1 else ''}, val top-1 " + (
+        f"{100 * top1:.2f} %" if top1 is not None else "not measured (the dataset has no test split)"
+    )
+    return summary("finetune", run_dir, headline, f"advpt evaluate checkpoint={shown(run_dir)}")
 
 
 def run(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    fit(cfg, Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if fit(cfg, run_dir) is not None and rank_zero_only.rank == 0:
+        print(summarise(run_dir))

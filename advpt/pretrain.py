@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from advpt.config import attack_kwargs, check_pretrain
 from advpt.data.module import PretrainData
 from advpt.launch import finished, processes, read_progress, resolve_resume
 from advpt.methods import METHODS, PretrainMethod
+from advpt.runs import number, read_record, shown, summary, write_record
 
 
 class ImagesPerSecond(Callback):
@@ -126,6 +126,29 @@ class ExampleImages(Callback):
         self.send(trainer, pl_module)
 
 
+class FinalStepMetrics(Callback):
+    """Writes the last optimiser step's training metrics when Lightning's logging interval skipped it,
+    so that every run, also one of 1-3 steps or one short epoch, has them in metrics.csv."""
+
+    def __init__(self) -> None:
+        self._logged_at, self._epoch = -1, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._epoch = trainer.current_epoch
+        if trainer._logger_connector.should_update_logs:  # what Lightning decides for this step
+            self._logged_at = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == 0 or step == self._logged_at or not trainer.loggers:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        if metrics:
+            metrics["epoch"] = self._epoch
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step - 1)  # Lightning's rows count steps from 0
+
+
 def wandb_id() -> str:
     """A fresh wandb run id (wandb's own generator is not public API)."""
     import secrets
@@ -137,8 +160,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    # metrics.csv sits beside the run's other outputs, so Lightning's "directory not empty" note is expected.
-    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="")
     if rank_zero_only.rank == 0:
         _continue_metrics(csv_logger, run_dir, cfg.get("resume"))
@@ -198,6 +219,9 @@ def _continue_metrics(logger: Any, run_dir: Path, resume: Any) -> None:
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     """The Trainer of a run: ``cfg.trainer`` arguments, our loggers, ``last.ckpt`` and throughput callbacks."""
+    from advpt.quiet import silence_noise
+
+    silence_noise()  # also in the worker processes of a multi-process run, which build theirs here
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     # LastCheckpoint keeps checkpoints/last.ckpt; Lightning's default callback would write a second copy.
     kwargs.setdefault("enable_checkpointing", False)
@@ -224,6 +248,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
             LastCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every_n_steps)),
             ImagesPerSecond(),
             ExampleImages(),
+            FinalStepMetrics(),
         ],
     )
 
@@ -258,6 +283,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> PretrainMethod | None:
         trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
     if trainer.is_global_zero:
         module.export_encoder(run_dir)
+        write_record(
+            run_dir, "pretrain", trainer.global_step, loss=number(trainer.callback_metrics, "train/loss")
+        )
     return module
 
 
@@ -292,5 +320,19 @@ check = check_pretrain
 
 def run(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    fit(cfg, Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if fit(cfg, run_dir) is not None and rank_zero_only.rank == 0:
+        print(summarise(run_dir))
+
+
+def summarise(run_dir: Path) -> str:
+    """The lines a pre-training run ends with: steps and final loss, where it is, what to run next."""
+    record = read_record(run_dir)
+    loss = record.get("loss")
+    steps = record.get("steps", 0)
+    headline = f"{steps} step{'s' if steps != 1 else ''}, final train/loss " + (
+        f"{loss:.4f}" if loss is not None else "not logged"
+    )
+    return summary("pretrain", run_dir, headline, f"advpt finetune pretrained={shown(run_dir)}")

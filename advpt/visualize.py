@@ -18,7 +18,6 @@ from torch import Tensor
 
 from advpt.errors import UserError
 
-PRETRAIN_RUNS = ("outputs/pretrain/**/encoder.safetensors", "multirun/pretrain/**/encoder.safetensors")
 # What a run directory is read from, in order of preference.
 RUN_FILES = ("encoder.safetensors", "model.safetensors", "checkpoints/last.ckpt")
 ACCEPTED = "a run directory, encoder.safetensors, model.safetensors or a Lightning .ckpt"
@@ -28,16 +27,10 @@ LIGHTNING_ENCODER = "encoder.vit."
 
 def resolve(value: Any) -> Path:
     """The weights file one ``checkpoint=`` entry names."""
-    from advpt.evaluate import FINETUNE_RUNS, latest_file
+    if str(value) == "latest":  # the newest finished pretrain run, else fine-tuning run
+        from advpt.runs import resolve_latest
 
-    if str(value) == "latest":
-        path = latest_file(PRETRAIN_RUNS) or latest_file(FINETUNE_RUNS)
-        if path is None:
-            raise UserError(
-                f"checkpoint=latest: no outputs/pretrain/**/encoder.safetensors (nor fine-tuned model) under "
-                f"{Path.cwd()}; run advpt pretrain first or pass checkpoint=PATH"
-            )
-        return path
+        return resolve_latest("visualize")
     path = Path(str(value)).expanduser()
     if not path.exists():
         raise UserError(f"checkpoint={value} does not exist (give {ACCEPTED})")
@@ -160,9 +153,9 @@ def _unique(titles: list[str]) -> list[str]:
 
 def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
     """Every checkpoint exists and holds a patch embedding; ``components`` is a positive integer."""
-    k = cfg.components
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise UserError(f"components={k} is invalid: expected an integer >= 1 (the paper draws 28)")
+    from advpt.config import check_arguments
+
+    check_arguments("visualize", cfg)
     for path in resolve_all(cfg.checkpoint):
         patch_weight(path, cfg.prefix)
     return cfg
@@ -183,6 +176,11 @@ def draw(paths: list[Path], path: Path, components: int = 28, prefix: str | None
 def run(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from advpt.runs import shown, summary
+
     check(cfg)
-    out = Path(HydraConfig.get().runtime.output_dir) / "filters.png"
-    print(draw(resolve_all(cfg.checkpoint), out, int(cfg.components), cfg.prefix))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    paths = resolve_all(cfg.checkpoint)
+    out = draw(paths, run_dir / "filters.png", int(cfg.components), cfg.prefix)
+    panels = f"{len(paths)} panel{'s' if len(paths) != 1 else ''}"
+    print(summary("visualize", run_dir, f"filters of {panels} in {shown(out)}", f"open {shown(out)}"))

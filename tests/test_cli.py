@@ -34,6 +34,29 @@ FAST = [
         (["method=mae,byol"], "add -m"),
         (["-m", "method=mae,nope"], "unknown method option 'nope'"),
         (["resume=/no/such.ckpt"], "resume=/no/such.ckpt is not a checkpoint"),
+        # every numeric hyper-parameter is range-checked up front
+        (["method.base_lr=-1"], "method.base_lr=-1 is out of range: expected a number > 0"),
+        (["method.weight_decay=-0.1"], "method.weight_decay=-0.1 is out of range: expected a number >= 0"),
+        (["method.betas=[0.9,1.5]"], "method.betas=[0.9,1.5] is out of range: expected each item"),
+        (
+            ["method.warmup_fraction=1"],
+            "method.warmup_fraction=1 is out of range: expected a number in [0, 1)",
+        ),
+        (["method.min_lr=-1"], "method.min_lr=-1 is out of range"),
+        (["method.mask_ratio=1"], "method.mask_ratio=1 is out of range: expected a number in (0, 1)"),
+        (["method=byol", "method.momentum=1.5"], "method.momentum=1.5 is out of range"),
+        (["method=supervised", "method.ema_decay=1"], "method.ema_decay=1 is out of range"),
+        (["method=supervised", "method.label_smoothing=-0.1"], "method.label_smoothing=-0.1 is out of range"),
+        (["method=supervised", "method.drop_path_rate=1"], "method.drop_path_rate=1 is out of range"),
+        (["method=supervised", "method.mixup=-1"], "method.mixup=-1 is out of range"),
+        (["method.views.crop_scale=[0,1]"], "method.views.crop_scale=[0,1] is out of range"),
+        (["data.batch_size=0"], "data.batch_size=0 is invalid: expected an integer >= 1"),
+        (["data.batch_size=1.5"], "data.batch_size=1.5 is invalid"),
+        (["trainer.max_steps=0"], "trainer.max_steps=0 is invalid: expected an integer >= 1 (or -1 or null)"),
+        (["trainer.max_epochs=-2"], "trainer.max_epochs=-2 is invalid"),
+        (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is invalid"),
+        (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 is out of range"),
+        (["seed=-1"], "seed=-1 is invalid: expected an integer >= 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, needle, tmp_path, monkeypatch, capsys) -> None:
@@ -123,6 +146,116 @@ def test_tensorboard_logger_gets_metrics_and_figures(tmp_path: Path) -> None:
     assert any("adversarial_examples" in t for t in images) and any(
         "mae_reconstructions" in t for t in images
     )
+
+
+def test_help_and_bad_input_import_nothing_heavy(tmp_path: Path) -> None:
+    """--help and a bad value answer before torch, Lightning or timm are imported (seconds each)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from advpt.cli import main\n"
+        "for args in (['pretrain', '--help'], ['finetune', '--help'], ['pretrain', 'method.base_lr=-1'],\n"
+        "             ['pretrain', 'method=foo'], ['finetune', 'optim.lr=0'], ['evaluate', 'robust.steps=0'],\n"
+        "             ['pretrain', '+trainer.not_an_argument=1'], ['finetune', 'pretrained=latest']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'lightning', 'timm') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert "HEAVY []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stderr.count("error: ") == 6, done.stderr
+
+
+def test_help_lists_the_commands_own_groups_and_option_names(capsys) -> None:
+    assert run_cli(["pretrain", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: advpt pretrain ")
+    listed = out.split("== Groups")[1].split("== Config")[0].splitlines()[1:]
+    groups = {line.split(":")[0]: line for line in listed if ": " in line}
+    assert set(groups) == {"attack", "data", "logger", "method", "model", "recipe", "trainer"}
+    assert "vit_tiny_patch4_32" in groups["model"] and "mae*" in groups["method"]
+    assert run_cli(["finetune", "--help"]) == 0
+    out = capsys.readouterr().out
+    listed = out.split("== Groups")[1].split("== Config")[0].splitlines()[1:]
+    groups = {line.split(":")[0] for line in listed if ": " in line}
+    assert groups == {"data", "logger", "model", "optim", "recipe", "trainer"}
+
+
+@pytest.mark.parametrize(
+    "command,overrides,name",
+    [
+        (
+            "pretrain",
+            ["method=mae", "attack=linf", "eps=4/255", "trainer.enable_progress_bar=false", "resume=auto"],
+            "0-attack=linf,eps=4_255,method=mae",
+        ),
+        ("finetune", ["layer_decay=0.65", "data.num_workers=2"], "0-layer_decay=0.65"),
+        ("evaluate", ["suite=auto", "robust.steps=3", "num_workers=0"], "0-robust.steps=3,suite=auto"),
+    ],
+)
+def test_sweep_folders_name_every_swept_value(command: str, overrides: list[str], name: str) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    import advpt.cli  # noqa: F401  (registers the resolvers, as a launcher's job process does)
+    from advpt.config import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=command):
+        cfg = compose(command, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    assert OmegaConf.select(cfg, "hydra.sweep.subdir") == name
+
+
+def test_noise_is_silenced_and_real_warnings_stay(caplog) -> None:
+    import logging
+    import warnings
+
+    from advpt.quiet import silence_noise
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        silence_noise()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("The number of training batches (2) is smaller than the logging interval", stacklevel=1)
+        warnings.warn("a real problem", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["a real problem"]
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("💡 Tip: For seamless cloud logging")
+        logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").info(
+            "`weights_only` was not set, defaulting to `False`."
+        )
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("a real note")
+    assert [r.getMessage() for r in caplog.records] == ["a real note"]
+
+
+@pytest.mark.slow
+def test_a_short_epoch_run_ends_with_a_summary_and_writes_metrics(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """One epoch of 2 batches at the default logging interval (5): metrics.csv still has the final step."""
+    import csv
+
+    monkeypatch.chdir(tmp_path)
+    args = ["pretrain", "model=vit_micro", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+    assert run_cli([*args, "trainer.enable_progress_bar=false"]) == 0
+    (run_dir,) = (tmp_path / "outputs" / "pretrain" / "mae-l2").iterdir()
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [(r["epoch"], r["step"]) for r in rows] == [("0", "1")] and float(rows[0]["train/loss"]) > 0
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["steps"] == 2 and record["loss"] == pytest.approx(float(rows[0]["train/loss"]))
+    rel = run_dir.relative_to(tmp_path)
+    assert capsys.readouterr().out.strip().splitlines()[-3:] == [
+        f"advpt pretrain: 2 steps, final train/loss {record['loss']:.4f}",
+        f"  run:  {rel}",
+        f"  next: advpt finetune pretrained={rel}",
+    ]
 
 
 def test_unknown_command_and_usage(capsys) -> None:

@@ -300,7 +300,12 @@ def test_cli_evaluates_the_latest_finetuned_run(tmp_path: Path, monkeypatch, cap
     assert len([n for n in results["sets"] if n.startswith("corruptions/")]) == 15
     out = capsys.readouterr().out
     assert "average (2 of 2 sets)" in out and "jpeg_compression" in out and "2/255" in out
-    assert out.strip().endswith(str(Path("outputs") / "evaluate" / results_path.parent.name / "results.json"))
+    run = Path("outputs") / "evaluate" / results_path.parent.name
+    assert out.strip().splitlines()[-3:] == [  # the table, then where it is and what to run next
+        f"advpt evaluate: results in {run / 'results.json'}",
+        f"  run:  {run}",
+        f"  next: advpt visualize checkpoint={newest.relative_to(tmp_path)}",
+    ]
     assert all(math.isfinite(r["accuracy"]) for rs in results["robust"].values() for r in rs.values())
 
 

@@ -222,7 +222,7 @@ def test_pretrained_none_uses_the_model_group(tmp_path: Path, monkeypatch) -> No
 
 def test_latest_is_the_newest_encoder_here(pretrain_run: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match="run `advpt pretrain` first"):
+    with pytest.raises(UserError, match="run advpt pretrain first"):
         resolve_pretrained("latest")
     for age, name in ((100, "new"), (200, "old")):  # created in this order, but "new" was written last
         run = shutil.copytree(pretrain_run, tmp_path / "outputs" / "pretrain" / "mae-l2" / name)
@@ -230,7 +230,7 @@ def test_latest_is_the_newest_encoder_here(pretrain_run: Path, tmp_path: Path, m
         os.utime(run / "encoder.safetensors", (stamp, stamp))
     cfg = check(compose("finetune", []), touch_data=False)
     assert cfg.pretrained == str((tmp_path / "outputs/pretrain/mae-l2/new/encoder.safetensors").resolve())
-    assert cfg.model.img_size == 16 and cfg.layer_decay == 0.75
+    assert cfg.model.img_size == 16 and cfg.layer_decay == 0.85  # the cpu recipe's
 
 
 @pytest.fixture
@@ -267,7 +267,7 @@ def bad_files(pretrain_run: Path, tmp_path: Path) -> Path:
         (["pretrained=FILES/not_vit.safetensors"], "does not fit its model"),
         (
             [],
-            "found no outputs/pretrain/**/encoder.safetensors here: run `advpt pretrain` first",
+            "pretrained=latest found no finished `advpt pretrain` run under outputs/pretrain/ or multirun/pretrain/",
         ),
         (["pretrained=RUN", "model=vit_tiny_patch4_32"], "is not the architecture of pretrained="),
         (["pretrained=none", "layer_decay=0"], "layer_decay=0 is out of range: use 0 < γ <= 1"),
@@ -284,6 +284,20 @@ def bad_files(pretrain_run: Path, tmp_path: Path) -> Path:
         (["pretrained=none", "optim.warmup_fraction=1.5"], "optim.warmup_fraction=1.5 is out of range"),
         (["pretrained=none", "-m", "layer_decay=0.65,1.5"], "layer_decay=1.5 is out of range"),
         (["pretrained=none", "resume=/no/such.ckpt"], "resume=/no/such.ckpt is not a checkpoint"),
+        (["pretrained=none", "optim.lr=0"], "optim.lr=0 is out of range: expected a number > 0"),
+        (["pretrained=none", "optim.betas=[0.9,1]"], "optim.betas=[0.9,1] is out of range"),
+        (["pretrained=none", "optim.label_smoothing=1"], "optim.label_smoothing=1 is out of range"),
+        (
+            ["pretrained=none", "optim.re_prob=1.5"],
+            "optim.re_prob=1.5 is out of range: expected a number in [0, 1]",
+        ),
+        (["pretrained=none", "optim.scale=[0,1]"], "optim.scale=[0,1] is out of range"),
+        (
+            ["pretrained=none", "optim=sgd_transfer", "optim.momentum=-0.9"],
+            "optim.momentum=-0.9 is out of range",
+        ),
+        (["pretrained=none", "optim.mixup=-1"], "optim.mixup=-1 is out of range"),
+        (["pretrained=none", "trainer.max_epochs=0"], "trainer.max_epochs=0 is invalid"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(
@@ -298,6 +312,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert err.count("\n") == 1 and err.startswith("advpt finetune: error: "), err
     assert needle in err, err
     assert list(cwd.iterdir()) == []
+
+
+def test_model_json_records_one_layer_decay(tmp_path: Path, monkeypatch) -> None:
+    from advpt.finetune import export_classifier
+
+    monkeypatch.chdir(tmp_path)
+    cfg = check(
+        compose("finetune", ["pretrained=none", "model=vit_micro", "layer_decay=0.65"]), touch_data=False
+    )
+    module = FineTuner(
+        OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.optim), 10, cfg.layer_decay
+    )
+    export_classifier(module, cfg, tmp_path)
+    spec = json.loads((tmp_path / "model.json").read_text())
+    assert spec["layer_decay"] == 0.65 and "layer_decay" not in spec["optim"]
+    assert json.dumps(spec).count("layer_decay") == 1
+    assert "layer_decay" not in cfg.optim  # config.yaml says it once too
 
 
 # -- the command ----------------------------------------------------------------------------------------
@@ -329,15 +360,22 @@ def check_outputs(run_dir: Path) -> tuple[dict, dict]:
 
 @pytest.mark.slow
 def test_default_run_fine_tunes_the_latest_pretrain_run(
-    pretrain_run: Path, tmp_path: Path, monkeypatch
+    pretrain_run: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     monkeypatch.chdir(tmp_path)
     shutil.copytree(pretrain_run, tmp_path / "outputs" / "pretrain" / "mae-l2" / "run")
+    capsys.readouterr()
     assert run_cli(["finetune", "trainer.max_steps=2", *FAST]) == 0
     (run_dir,) = (tmp_path / "outputs" / "finetune" / "adamw_lld").iterdir()
     spec, cfg = check_outputs(run_dir)
     assert spec["pretrained"] == str((tmp_path / "outputs/pretrain/mae-l2/run/encoder.safetensors").resolve())
-    assert spec["layer_decay"] == 0.75 and spec["optim"]["name"] == "adamw_lld"
+    assert spec["layer_decay"] == 0.85 and spec["optim"]["name"] == "adamw_lld"
+    out = capsys.readouterr().out  # which encoder, then the summary: steps, val top-1, run, next command
+    assert "advpt finetune: loaded encoder outputs/pretrain/mae-l2/run/encoder.safetensors" in out
+    summary = out.strip().splitlines()[-3:]
+    assert summary[0].startswith("advpt finetune: 2 steps, val top-1 ") and summary[0].endswith(" %")
+    rel = run_dir.relative_to(tmp_path)
+    assert summary[1:] == [f"  run:  {rel}", f"  next: advpt evaluate checkpoint={rel}"]
     assert cfg["trainer"]["gradient_clip_val"] is None
 
 

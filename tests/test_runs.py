@@ -1,0 +1,82 @@
+"""What runs exist and what they hold: one meaning of `latest` for every command."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from advpt.errors import UserError
+from advpt.runs import finished_runs, is_finished, latest, read_record, resolve_latest, summary, write_record
+
+
+def make_run(directory: Path, command: str = "pretrain", steps: int | None = 1, age: float = 0) -> Path:
+    """A run directory with its product written ``age`` seconds ago (and run.json if ``steps`` is given)."""
+    product = {"pretrain": "encoder.safetensors", "finetune": "model.safetensors"}[command]
+    directory.mkdir(parents=True)
+    (directory / product).write_bytes(b"")
+    if steps is not None:
+        write_record(directory, command, steps)
+    stamp = time.time() - age
+    os.utime(directory / product, (stamp, stamp))
+    return directory
+
+
+def test_latest_is_the_newest_finished_run_under_outputs_and_multirun(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert latest("pretrain") is None
+    make_run(tmp_path / "outputs" / "pretrain" / "mae-l2" / "a", age=300)
+    swept = make_run(tmp_path / "multirun" / "pretrain" / "t" / "0-method=mae", age=200)
+    assert latest("pretrain").directory == swept.resolve()  # multirun counts as much as outputs
+    assert (
+        resolve_latest("finetune") == swept.resolve() / "encoder.safetensors"
+    )  # finetune's pretrained=latest
+
+
+def test_latest_never_picks_a_run_that_trained_nothing_or_did_not_finish(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    good = make_run(tmp_path / "outputs" / "pretrain" / "mae-l2" / "good", age=300)
+    make_run(tmp_path / "outputs" / "pretrain" / "mae-l2" / "zero", steps=0, age=100)
+    running = tmp_path / "outputs" / "pretrain" / "mae-l2" / "running"
+    (running / "checkpoints").mkdir(parents=True)  # no encoder yet: still training, or killed
+    (running / "config.yaml").write_text("{}")
+    assert [r.directory.name for r in finished_runs("pretrain")] == ["good"]
+    assert latest("pretrain").directory == good.resolve()
+    assert not is_finished(tmp_path / "outputs" / "pretrain" / "mae-l2" / "zero", "pretrain")
+    assert not is_finished(running, "pretrain")
+
+
+def test_runs_without_a_record_count_when_their_product_is_there(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = make_run(tmp_path / "outputs" / "finetune" / "adamw_lld" / "old", "finetune", steps=None)
+    assert read_record(run) == {} and is_finished(run, "finetune")
+    assert resolve_latest("evaluate") == run.resolve() / "model.safetensors"
+
+
+def test_every_command_reads_latest_the_same_way(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for command, needle in (
+        ("finetune", "run advpt pretrain first or pass pretrained=PATH"),
+        ("evaluate", "run advpt finetune first or pass checkpoint=PATH"),
+        ("visualize", "run advpt pretrain first or pass checkpoint=PATH"),
+    ):
+        with pytest.raises(UserError, match=needle):
+            resolve_latest(command)
+    fine = make_run(tmp_path / "multirun" / "finetune" / "t" / "0-layer_decay=0.65", "finetune")
+    assert resolve_latest("visualize") == fine.resolve() / "model.safetensors"  # no pretrain run: fine-tuned
+    pre = make_run(tmp_path / "outputs" / "pretrain" / "mae-l2" / "p", age=100)
+    assert resolve_latest("visualize") == pre.resolve() / "encoder.safetensors"  # pre-trained filters first
+    assert resolve_latest("evaluate") == fine.resolve() / "model.safetensors"
+
+
+def test_summary_names_the_run_and_the_next_command(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "pretrain" / "x y"
+    text = summary("pretrain", run, "1 step", "advpt finetune pretrained=P")
+    assert text.splitlines() == [
+        "advpt pretrain: 1 step",
+        "  run:  'outputs/pretrain/x y'",
+        "  next: advpt finetune pretrained=P",
+    ]
