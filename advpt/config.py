@@ -10,6 +10,7 @@ import inspect
 import itertools
 import math
 import os
+import re
 import socket
 import warnings
 from collections.abc import Iterable
@@ -474,9 +475,11 @@ def describe_hydra_error(e: BaseException, command: str) -> str:
 
 # -- resolvers of the command configs (registered when advpt.cli is imported) -------------------
 def safe_dirname(overrides: Any) -> str:
-    """Hydra's ``override_dirname`` as one folder name: a ``/`` in a value (``eps=4/255``) becomes ``_``;
+    """Hydra's ``override_dirname`` (``method-mae+eps-4/255``) as one folder name that is also a plain
+    Hydra value, so ``pretrained=<that folder>`` can be typed as is: ``/`` and anything else Hydra's
+    override grammar or a shell would read (``=``, ``,``, quotes, brackets, spaces) becomes ``_``;
     names are cut at 200 characters (the job number before them keeps them apart)."""
-    return str(overrides).replace("/", "_")[:200]
+    return re.sub(r"[^A-Za-z0-9_.+\-@:%]", "_", str(overrides))[:200]
 
 
 def command_groups() -> str:

@@ -191,10 +191,10 @@ def test_help_lists_the_commands_own_groups_and_option_names(capsys) -> None:
         (
             "pretrain",
             ["method=mae", "attack=linf", "eps=4/255", "trainer.enable_progress_bar=false", "resume=auto"],
-            "0-attack=linf,eps=4_255,method=mae",
+            "0-attack-linf+eps-4_255+method-mae",
         ),
-        ("finetune", ["layer_decay=0.65", "data.num_workers=2"], "0-layer_decay=0.65"),
-        ("evaluate", ["suite=auto", "robust.steps=3", "num_workers=0"], "0-robust.steps=3,suite=auto"),
+        ("finetune", ["layer_decay=0.65", "data.num_workers=2"], "0-layer_decay-0.65"),
+        ("evaluate", ["suite=auto", "robust.steps=3", "num_workers=0"], "0-robust.steps-3+suite-auto"),
     ],
 )
 def test_sweep_folders_name_every_swept_value(command: str, overrides: list[str], name: str) -> None:

@@ -59,10 +59,10 @@ def test_every_method_and_attack_runs_on_two_processes_in_one_sweep(tmp_path: Pa
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     placement = (
-        "model=vit_micro,trainer.accelerator=cpu,trainer.devices=2,trainer.max_steps=3,trainer.strategy=ddp"
+        "model-vit_micro+trainer.accelerator-cpu+trainer.devices-2+trainer.max_steps-3+trainer.strategy-ddp"
     )
     assert [p.name for p in jobs] == [
-        f"{i}-attack={a},method={m},{placement}"
+        f"{i}-attack-{a}+method-{m}+{placement}"
         for i, (m, a) in enumerate(
             (m, a) for m in ("mae", "byol", "rotnet", "supervised") for a in ("none", "l2")
         )
@@ -334,7 +334,7 @@ def test_a_sweep_through_submitit_runs_each_job(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.parent.name for p in sweep.rglob("encoder.safetensors")) == [
-        f"{i}-method={m},model=vit_micro,trainer.accelerator=cpu,trainer.max_steps=1"
+        f"{i}-method-{m}+model-vit_micro+trainer.accelerator-cpu+trainer.max_steps-1"
         for i, m in enumerate(("mae", "rotnet"))
     ]
 

@@ -28,7 +28,7 @@ def test_latest_is_the_newest_finished_run_under_outputs_and_multirun(tmp_path: 
     monkeypatch.chdir(tmp_path)
     assert latest("pretrain") is None
     make_run(tmp_path / "outputs" / "pretrain" / "mae-l2" / "a", age=300)
-    swept = make_run(tmp_path / "multirun" / "pretrain" / "t" / "0-method=mae", age=200)
+    swept = make_run(tmp_path / "multirun" / "pretrain" / "t" / "0-method-mae", age=200)
     assert latest("pretrain").directory == swept.resolve()  # multirun counts as much as outputs
     assert (
         resolve_latest("finetune") == swept.resolve() / "encoder.safetensors"
