@@ -22,8 +22,10 @@ lint: $(BIN)/advpt
 	$(BIN)/ruff check advpt tests benchmarks
 	$(BIN)/ruff format --check advpt tests benchmarks
 
+# Installs the bench extra (lightly, the peer it is timed against) into the venv first.
 bench: $(BIN)/advpt
-	$(BIN)/python benchmarks/step_cost.py
+	$(BIN)/python -c "import lightly" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/step_cost.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun

@@ -4,9 +4,22 @@
     python benchmarks/step_cost.py --model vit_base_patch16 --batch 64 --precision bf16 --methods mae supervised
 
     python benchmarks/step_cost.py --model vit_base_patch16 --batch 128 --precision bf16 --compile --methods mae supervised
+    python benchmarks/step_cost.py --model cpu --methods mae byol --threads 1 --clock cpu  # against lightly
 
 On a GPU it also prints the model FLOP utilisation: FLOPs of one training step (counted by
 torch's FlopCounterMode, attack included) per second, over the GPU's dense bf16 peak.
+
+With lightly installed (the ``bench`` extra: ``pip install -e '.[bench]'``, which ``make bench`` does)
+it also times the same-size nominal MAE and BYOL steps of lightly, a well-kept SSL library
+(``benchmarks/peer.py`` says how its steps are built), and prints advpt / lightly. The comparison is
+made fair by running both in one process on one batch: the same tensors, the same timm ViT from the
+same ``conf/model`` entry, the same decoder and head sizes, the same AdamW, the same thread count
+(torch's intra-op pool, printed in the header), the same warm-up steps, then advpt nominal, advpt
+PGD and lightly timed in turn step by step (so drift in machine load hits all alike), each the
+median of ``--steps``. The table also gives the ratio of the steps' FLOPs (torch's FlopCounterMode,
+one extra untimed step each): 1.00 says both sides did the same arithmetic. On a shared machine,
+other processes inflate wall-clock times (two intra-op threads wait on each other when a core is
+taken); ``--threads 1 --clock cpu`` counts the CPU seconds of this process instead.
 
 A nominal step costs about 3 forward-equivalents (forward + backward); each PGD iteration about 2
 (forward + backward to the input only), so PGD-2 should cost about 7/3 = 2.33x a nominal step. An
@@ -19,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,11 +42,23 @@ import yaml
 
 from advpt.methods import METHODS
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peer  # noqa: E402  (benchmarks/ is not a package)
+
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
+WARMUP = 2  # untimed steps per setting first: allocator, autotuning, lazy init
+
+
 def load(group: str, name: str) -> dict:
-    return yaml.safe_load((CONF / group / f"{name}.yaml").read_text())
+    """A config group option as a dict, its Hydra ``defaults`` (other options of the group) merged in first."""
+    cfg = yaml.safe_load((CONF / group / f"{name}.yaml").read_text()) or {}
+    merged: dict = {}
+    for default in cfg.pop("defaults", []):
+        if isinstance(default, str) and default != "_self_":
+            merged.update(load(group, default))
+    return {**merged, **cfg}
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name, for the utilisation estimate.
@@ -85,14 +111,14 @@ def make_step(
     return step
 
 
-def timed(step, batch, device: torch.device) -> float:
+def timed(step, batch, device: torch.device, clock=time.perf_counter) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main() -> None:
@@ -103,14 +129,27 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument(
-        "--steps", type=int, default=6, help="timed steps per setting (after 2 warm-up steps)"
+        "--steps", type=int, default=6, help=f"timed steps per setting (after {WARMUP} warm-up steps)"
     )
     parser.add_argument("--attack-steps", type=int, default=2)
     parser.add_argument("--norm", default="l2", choices=["l2", "linf"])
     parser.add_argument("--precision", default="32", choices=["32", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed seconds; cpu: CPU seconds of this process, which other processes on a "
+        "shared machine do not inflate (CPU only; use with --threads 1, as more threads add spin-waits)",
+    )
     args = parser.parse_args()
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu measures CPU devices only")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     warnings.filterwarnings("ignore", message=".*self.trainer.*")  # methods log outside a Trainer here
 
     device = torch.device(args.device)
@@ -121,8 +160,13 @@ def main() -> None:
     attack = {"norm": args.norm, "eps": eps, "steps": args.attack_steps}
     print(
         f"# {args.model} {size}px, batch {args.batch}, {args.precision}, {device}, PGD-{args.attack_steps} "
-        f"{args.norm}{', compiled' if args.compile else ''}"
+        f"{args.norm}{', compiled' if args.compile else ''}, {torch.get_num_threads()} threads, "
+        f"{args.clock} clock, median of {args.steps} after {WARMUP} warm-up steps"
     )
+    with_peer = peer.available()
+    if not with_peer:
+        print(f"# {peer.INSTALL_HINT}")
+    peer_rows: list[tuple[str, float, float, float]] = []
     peak = peak_flops(device)
     mfu_head = f" {'nominal MFU':>11} {'adv MFU':>8}" if peak else ""
     print(
@@ -139,22 +183,38 @@ def main() -> None:
             "nominal": make_step(method, model, None, device, args.precision, args.compile),
             "adv": make_step(method, model, attack, device, args.precision, args.compile),
         }
+        torch.manual_seed(0)
+        lightly_step = (
+            peer.make_peer_step(method, model, device, args.precision, args.compile) if with_peer else None
+        )
+        if lightly_step is not None:
+            steps["peer"] = lightly_step
         for step in steps.values():
-            for _ in range(2):
+            for _ in range(WARMUP):
                 step(batch)
         times: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(args.steps):  # interleaved, so drift in machine load hits both alike
+        for _ in range(args.steps):  # interleaved, so drift in machine load hits all alike
             for name, step in steps.items():
-                times[name].append(timed(step, batch, device))
+                times[name].append(timed(step, batch, device, clock))
         nominal, adv = statistics.median(times["nominal"]), statistics.median(times["adv"])
+        if "peer" in times:
+            work = step_flops(steps["nominal"], batch) / max(1, step_flops(steps["peer"], batch))
+            peer_rows.append((method, nominal, statistics.median(times["peer"]), work))
         mfu = ""
         if peak:
-            flops = {name: step_flops(step, batch) for name, step in steps.items()}
+            flops = {name: step_flops(steps[name], batch) for name in ("nominal", "adv")}
             mfu = f" {flops['nominal'] / nominal / peak:>11.1%} {flops['adv'] / adv / peak:>8.1%}"
         print(
             f"{method:<11} {nominal:>15.4f} {adv:>11.4f} {adv / nominal:>6.2f} "
             f"{args.batch / nominal:>14.1f} {args.batch / adv:>10.1f}" + mfu
         )
+    if peer_rows:
+        print(f"\n# nominal step against lightly {peer.version()} (same batch, model, optimiser, threads)")
+        print(
+            f"{'method':<11} {'advpt s/step':>13} {'lightly s/step':>15} {'advpt/lightly':>14} {'FLOP ratio':>11}"
+        )
+        for method, ours, theirs, work in peer_rows:
+            print(f"{method:<11} {ours:>13.4f} {theirs:>15.4f} {ours / theirs:>14.2f} {work:>11.2f}")
 
 
 if __name__ == "__main__":
