@@ -97,22 +97,26 @@ def resolve_resume(value: Any, run_dir: Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
+def finished_message(run_dir: Path, trainer_cfg: Mapping[str, Any]) -> str | None:
+    """``resume=auto`` on ``run_dir``: a message if it holds a run with nothing left to do, else None."""
+    path = last_checkpoint(run_dir)
+    if not path.is_file():
+        return None
+    progress = read_progress(path)
+    if not finished(progress, trainer_cfg):
+        return None
+    return f"{run_dir} already finished at step {progress['global_step']}; nothing to do"
+
+
 def already_finished(command: str, overrides: list[str]) -> str | None:
-    """For a single run with ``resume=auto``: a message if its directory holds a finished run."""
+    """For a single run with ``resume=auto``, before Hydra writes into its directory: :func:`finished_message`."""
     from hydra import compose, initialize_config_dir
 
     from advpt.config import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=command):
         cfg = compose(command, overrides=overrides, return_hydra_config=True)
-    run_dir = Path(str(cfg.hydra.run.dir))
-    path = last_checkpoint(run_dir)
-    if not path.is_file():
-        return None
-    progress = read_progress(path)
-    if not finished(progress, cfg.trainer):
-        return None
-    return f"{run_dir} already finished at step {progress['global_step']}; nothing to do"
+    return finished_message(Path(str(cfg.hydra.run.dir)), cfg.trainer)
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -133,12 +137,13 @@ def processes(trainer: Any, command: str, run_dir: Path) -> Iterator[None]:
     launcher, env = strategy.launcher, getattr(strategy, "cluster_environment", None)
     saved = {k: os.environ.get(k) for k in _DDP_ENV}
     children: list[subprocess.Popen] = []
-    if (
+    own_group = (  # this process sets up the group: nobody outside started the processes
         isinstance(launcher, _SubprocessScriptLauncher)
         and env is not None
         and not env.creates_processes_externally
         and launcher.num_processes * launcher.num_nodes > 1
-    ):
+    )
+    if own_group:
         os.environ.update(
             MASTER_ADDR=env.main_address,
             MASTER_PORT=str(env.main_port),
@@ -170,7 +175,7 @@ def processes(trainer: Any, command: str, run_dir: Path) -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGUSR1, previous)
-        if children:
+        if own_group:
             import torch.distributed as dist
 
             # The next job of a sweep starts its own group with its own workers.

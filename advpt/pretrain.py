@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from advpt.config import attack_kwargs, check_pretrain
 from advpt.data.module import PretrainData
-from advpt.launch import finished, processes, read_progress, resolve_resume
+from advpt.launch import finished_message, processes, resolve_resume
 from advpt.methods import METHODS, PretrainMethod
 from advpt.runs import number, read_record, shown, summary, write_record
 
@@ -296,17 +296,12 @@ def begin(cfg: DictConfig, run_dir: Path, command: str) -> bool:
     """
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    auto = str(cfg.resume) == "auto"
+    if str(cfg.resume) == "auto" and (message := finished_message(run_dir, cfg.trainer)):
+        if rank_zero_only.rank == 0:
+            print(f"advpt {command}: {message}")
+        return False
     with open_dict(cfg):
         cfg.resume = resolve_resume(cfg.resume, run_dir)
-    if cfg.resume is not None:
-        progress = read_progress(Path(cfg.resume))
-        if auto and finished(progress, cfg.trainer):
-            if rank_zero_only.rank == 0:
-                print(
-                    f"advpt {command}: {run_dir} already finished at step {progress['global_step']}; nothing to do"
-                )
-            return False
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     run_dir.mkdir(parents=True, exist_ok=True)
