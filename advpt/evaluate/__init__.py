@@ -1,4 +1,72 @@
-"""The ``evaluate`` command (being split into a package; see ``command``)."""
+"""The ``evaluate`` command: clean, shifted and robust top-1 of a fine-tuned classifier (paper §4, Fig. 5).
 
-from advpt.evaluate.command import *  # noqa: F403
-from advpt.evaluate.command import check, run  # noqa: F401
+Two suites. ``auto`` evaluates on what the model was fine-tuned on (``model.json``'s data config): that
+dataset's test split, and the same images under the 15 common corruptions x 5 severities generated on the
+fly. ``imagenet_variants`` reads every ImageNet variant present under ``root`` (``advpt.data.variants``).
+
+Scores are grouped: a corruption subset ``<group>/<corruption>/<severity>`` counts towards its group
+(``corruptions`` or ``imagenet_c``), reported per corruption (mean over severities) and as one number.
+The average is over the headline sets present, saying how many of the suite's sets it covers.
+
+Robust accuracy: PGD (``advpt.attacks``) on the cross-entropy at each radius; an example counts as robust
+when the model classifies the attacked input correctly (clean mistakes are attacked too and count as
+failures), so robust accuracy is over all attacked images.
+
+``results.json`` (top-1 and accuracies as fractions in [0, 1], ``"top1_unit": "fraction"``)::
+
+    {"checkpoint": path, "suite": ..., "model": {...},
+     "sets": {name: {"top1", "images"},                          # a headline set
+              group: {"top1", "images", "subsets"},              # corruptions / imagenet_c: mean of subsets
+              group/corruption: {"top1", "images", "group", "severities": {"1": top1, ...}}},
+     "average": {"top1", "sets": headline sets present, "of": headline sets of the suite},
+     "robust_set": name, "robust": {norm: {radius as written: {"accuracy", "images", "eps", "steps",
+     "restarts", "step_size"}}}, "warnings": [...], "config": {...}}
+
+``checkpoint``: find and load the classifier; ``suites``: which sets; ``scoring``: clean top-1;
+``robust``: robust accuracy; ``table``: grouping, the average, the text table, ``results.json``;
+``command``: check, evaluate, run.
+"""
+
+from advpt.evaluate.checkpoint import image_size, load_classifier, read_spec, resolve_checkpoint
+from advpt.evaluate.command import check, evaluate, run
+from advpt.evaluate.robust import RobustSpec, positive_int, robust_accuracy, robust_specs
+from advpt.evaluate.scoring import PRECISIONS, Score, clean_score
+from advpt.evaluate.suites import (
+    CORRUPTIONS_GROUP,
+    IMAGENET_SETS,
+    SUITES,
+    Warn,
+    auto_sets,
+    capped,
+    data_config,
+    imagenet_sets,
+)
+from advpt.evaluate.table import format_table, summarise, write_json
+
+__all__ = [
+    "CORRUPTIONS_GROUP",
+    "IMAGENET_SETS",
+    "PRECISIONS",
+    "SUITES",
+    "RobustSpec",
+    "Score",
+    "Warn",
+    "auto_sets",
+    "capped",
+    "check",
+    "clean_score",
+    "data_config",
+    "evaluate",
+    "format_table",
+    "image_size",
+    "imagenet_sets",
+    "load_classifier",
+    "positive_int",
+    "read_spec",
+    "resolve_checkpoint",
+    "robust_accuracy",
+    "robust_specs",
+    "run",
+    "summarise",
+    "write_json",
+]

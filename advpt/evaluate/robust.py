@@ -1,0 +1,104 @@
+"""Robust accuracy: the attacks the ``robust`` config asks for, and how many examples survive them.
+
+An example counts as robust when the model classifies the attacked input correctly (clean mistakes
+are attacked too and count as failures), so robust accuracy is over all attacked images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advpt.attacks import Attack, pgd
+from advpt.config import parse_number
+from advpt.errors import UserError
+from advpt.evaluate.scoring import Score, autocast, device_of
+
+
+def positive_int(value: Any, key: str, what: str = "expected") -> None:
+    """One line on a config value that is not an integer >= 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"{key}={value} is invalid: {what} an integer >= 1")
+
+
+def robust_accuracy(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    attacks: Sequence[Attack],
+    dtype: torch.dtype | None = None,
+) -> list[Score]:
+    """Per attack: how many examples ``model`` still classifies correctly after PGD on the cross-entropy.
+
+    ``model`` maps [0,1] pixels to logits; every example is attacked (clean mistakes stay mistakes), so
+    each score's ``top1`` is the robust accuracy over all examples seen.
+    """
+    device = device_of(model)
+    correct = [0] * len(attacks)
+    images = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        images += len(y)
+
+        def loss_fn(x_adv: Tensor, y: Tensor = y) -> Tensor:
+            with autocast(device, dtype):
+                logits = model(x_adv)
+            return F.cross_entropy(logits.float(), y, reduction="none")
+
+        for i, attack in enumerate(attacks):
+            delta = pgd(loss_fn, x, attack, model=model)
+            with torch.inference_mode(), autocast(device, dtype):
+                correct[i] += int((model(x + delta).argmax(-1) == y).sum())
+    return [Score(c, images) for c in correct]
+
+
+@dataclass(frozen=True)
+class RobustSpec:
+    norm: str
+    radius: str  # as written in the config, e.g. "2/255"
+    attack: Attack
+
+
+def robust_specs(robust: Mapping[str, Any], size: int) -> list[RobustSpec]:
+    """Every (norm, radius) attack the ``robust`` config asks for; raises UserError on a bad value."""
+    steps, restarts = robust["steps"], robust["restarts"]
+    positive_int(steps, "robust.steps", "the number of PGD steps must be")
+    positive_int(restarts, "robust.restarts", "the number of restarts must be")
+    if robust["step_size"] is None:
+        relative = 2.5 / steps
+    else:
+        relative = parse_number(robust["step_size"], "robust.step_size")
+        if not math.isfinite(relative) or relative <= 0:
+            raise UserError(f"robust.step_size={robust['step_size']} must be > 0 (a multiple of the radius)")
+    norms = robust["norms"]
+    if isinstance(norms, str) or not isinstance(norms, Sequence) or not norms:
+        raise UserError(f"robust.norms={norms} must be a list, e.g. robust.norms=[linf,l2]")
+    l2_max = math.sqrt(3 * size * size)
+    specs = []
+    for norm in norms:
+        if norm not in ("linf", "l2"):
+            raise UserError(f"robust.norms: unknown norm {norm!r}; choose from linf, l2")
+        radii = robust["radii"].get(norm)
+        key = f"robust.radii.{norm}"
+        if isinstance(radii, str) or not isinstance(radii, Sequence) or not radii:
+            raise UserError(f"{key}={radii} must be a non-empty list of radii, e.g. {key}=[1/255,4/255]")
+        for raw in radii:
+            eps = parse_number(raw, key)
+            if not math.isfinite(eps) or eps < 0:
+                raise UserError(f"{key}: radius {raw} is out of range: a radius must be a finite number >= 0")
+            if norm == "linf" and eps > 1:
+                raise UserError(
+                    f"{key}: radius {raw} is not an l_inf radius for images in [0,1]; write k/255"
+                )
+            if norm == "l2" and eps > l2_max:
+                raise UserError(
+                    f"{key}: radius {raw} exceeds the largest l2 distance between two {size}px images ({l2_max:.1f})"
+                )
+            attack = Attack(norm, eps, steps=steps, step_size=relative * eps, restarts=restarts)
+            specs.append(RobustSpec(norm, str(raw), attack))
+    return specs

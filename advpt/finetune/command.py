@@ -1,0 +1,162 @@
+"""The ``finetune`` command: check the config, fit, export the classifier, print where it went."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from advpt.config import CONF_DIR, check_arguments, check_run, parse_number
+from advpt.errors import UserError
+from advpt.finetune.module import FinetuneData, FineTuner
+from advpt.finetune.pretrained import (
+    architecture,
+    load_backbone,
+    load_encoder_state,
+    model_config,
+    resolve_pretrained,
+)
+from advpt.finetune.recipes import OPTIMIZERS, TRANSFORMS
+from advpt.models import timm_kwargs
+from advpt.runs import number, read_record, shown, summary, write_record
+
+SCRATCH_MODEL = "vit_mini_patch8_32"  # pretrained=none without model=: the CPU recipe's model
+
+
+def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
+    """Check a composed ``finetune`` config; fill in the pre-trained file and its model config.
+
+    One layer decay remains: the top-level ``layer_decay`` (``optim.layer_decay`` is only its default).
+    """
+    with open_dict(cfg):
+        check_arguments("finetune", cfg)
+        optim = cfg.optim
+        if optim.opt not in OPTIMIZERS:
+            raise UserError(f"optim.opt={optim.opt} is not supported; choose one of {', '.join(OPTIMIZERS)}")
+        if optim.transform not in TRANSFORMS:
+            raise UserError(
+                f"optim.transform={optim.transform} is unknown; choose one of {', '.join(TRANSFORMS)}"
+            )
+        gamma = parse_number(cfg.layer_decay, "layer_decay")
+        if optim.opt != "adamw" and gamma != 1:
+            raise UserError(
+                f"layer_decay={cfg.layer_decay} does not apply to optim={optim.name}, which trains "
+                "every layer at one lr (Steiner et al.): leave layer_decay out, or use optim=adamw_lld"
+            )
+        cfg.layer_decay = gamma
+        optim.pop("layer_decay", None)
+
+        source = resolve_pretrained(cfg.pretrained)
+        given = cfg.get("model")
+        if source.path is None:
+            model = OmegaConf.load(CONF_DIR / "model" / f"{SCRATCH_MODEL}.yaml") if given is None else given
+            model = model_config(str(model.name), timm_kwargs(OmegaConf.to_container(model, resolve=True)))
+        else:
+            model = source.model
+            if given is not None and architecture(
+                OmegaConf.to_container(given, resolve=True)
+            ) != architecture(model):
+                raise UserError(
+                    f"model={given.name} (img_size {given.img_size}) is not the architecture of pretrained="
+                    f"{source.path} ({model['name']}, img_size {model['img_size']}): leave model= out, "
+                    "it is read from the encoder"
+                )
+        cfg.pretrained = str(source.path) if source.path is not None else "none"
+        cfg.model = model
+        check_run(cfg, touch_data)
+    return cfg
+
+
+def export_classifier(module: FineTuner, cfg: DictConfig, directory: Path) -> Path:
+    """``model.safetensors`` (timm state dict with head) and ``model.json``, the call that loads it."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.vit.state_dict().items()}
+    path = directory / "model.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    # drop_path_rate only acts in training: the description is of the architecture.
+    kwargs = {k: v for k, v in module.net.kwargs.items() if k != "drop_path_rate"}
+    spec = {
+        "name": module.net.name,
+        "kwargs": kwargs,
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "num_classes": module.num_classes,
+        "pretrained": str(cfg.pretrained),
+        "layer_decay": float(cfg.layer_decay),
+        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+    }
+    (directory / "model.json").write_text(json.dumps(spec, indent=2))
+    return path
+
+
+def fit(cfg: DictConfig, run_dir: Path) -> FineTuner | None:
+    """Fine-tune as configured, writing checkpoints, metrics, config and the classifier into ``run_dir``.
+
+    Returns ``None`` when ``resume=auto`` finds the run already finished (nothing is written).
+    """
+    from advpt.launch import processes
+    from advpt.pretrain import begin, build_trainer
+
+    cfg = check(cfg, touch_data=False)
+    data = FinetuneData(cfg.data, cfg.optim, image_size=int(cfg.model.img_size), seed=int(cfg.seed))
+    if data.num_classes < 2:
+        raise UserError(f"data={cfg.data.name} has {data.num_classes} classes: fine-tuning needs labels")
+    with open_dict(cfg):
+        cfg.num_classes = data.num_classes
+    if not begin(cfg, run_dir, "finetune"):
+        return None
+
+    module = FineTuner(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        num_classes=data.num_classes,
+        layer_decay=float(cfg.layer_decay),
+        batch_size=int(cfg.data.batch_size),
+        seed=int(cfg.seed),
+    )
+    if cfg.pretrained != "none":
+        load_backbone(module.vit, load_encoder_state(Path(cfg.pretrained)))
+    if rank_zero_only.rank == 0:
+        print(f"advpt finetune: {loaded(cfg)}", flush=True)
+    trainer = build_trainer(cfg, run_dir)
+    with processes(trainer, "finetune", run_dir):
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
+        # A run that stops mid-epoch (max_steps) is still scored on its final weights.
+        if data.val_source is not None and module.validated_at != trainer.global_step:
+            trainer.validate(module, datamodule=data, verbose=False)
+    if trainer.is_global_zero:
+        export_classifier(module, cfg, run_dir)
+        top1 = number(trainer.callback_metrics, "val/top1")
+        write_record(run_dir, "finetune", trainer.global_step, val_top1=top1, pretrained=str(cfg.pretrained))
+    return module
+
+
+def loaded(cfg: DictConfig) -> str:
+    """Which encoder a run starts from, in words."""
+    model = f"{cfg.model.name}, {cfg.model.img_size} px, patch {cfg.model.patch_size}"
+    if cfg.pretrained == "none":
+        return f"no encoder loaded: training {model} from scratch (pretrained=none)"
+    return f"loaded encoder {shown(Path(cfg.pretrained))} ({model})"
+
+
+def summarise(run_dir: Path) -> str:
+    """The lines a fine-tuning run ends with: steps and val top-1, where it is, what to run next."""
+    record = read_record(run_dir)
+    steps, top1 = record.get("steps", 0), record.get("val_top1")
+    headline = f"{steps} step{'s' if steps != 1 else ''}, val top-1 " + (
+        f"{100 * top1:.2f} %" if top1 is not None else "not measured (the dataset has no test split)"
+    )
+    return summary("finetune", run_dir, headline, f"advpt evaluate checkpoint={shown(run_dir)}")
+
+
+def run(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if fit(cfg, run_dir) is not None and rank_zero_only.rank == 0:
+        print(summarise(run_dir))

@@ -1,0 +1,172 @@
+"""Fine-tuning's data (the labelled splits with the recipe's augmentation) and its LightningModule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from advpt.data.module import ResumableData
+from advpt.finetune.recipes import build_optimizer, build_scheduler, train_transform
+from advpt.models import Encoder
+
+HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init
+
+
+def init_head(vit: nn.Module) -> None:
+    """A fresh classifier head, MAE's way: tiny truncated-normal weights, zero bias."""
+    nn.init.trunc_normal_(vit.head.weight, std=HEAD_INIT_STD)
+    nn.init.zeros_(vit.head.bias)
+
+
+class FinetuneData(ResumableData):
+    """The labelled training split with the recipe's augmentation; the test split, if any, for val/top1."""
+
+    def __init__(
+        self, data: Mapping[str, Any], optim: Mapping[str, Any], image_size: int, seed: int = 0
+    ) -> None:
+        from advpt.data.sources import build_source, num_classes
+
+        super().__init__()
+        self.cfg, self.optim, self.image_size, self.seed = dict(data), dict(optim), image_size, seed
+        self.train_source = build_source(self.cfg, train=True, image_size=image_size)
+        self.val_source = build_source(self.cfg, train=False, image_size=image_size)
+        self.num_classes = num_classes(self.train_source)
+
+    def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
+        workers = int(self.cfg.get("num_workers", 0))
+        return DataLoader(
+            dataset,
+            batch_size=int(self.cfg["batch_size"]),
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        from advpt.data.module import Transformed
+        from advpt.data.transforms import Views
+
+        # One view per image, batched as ([images], labels) like pre-training (ImagesPerSecond reads it);
+        # shuffle order and augmentations follow (seed, epoch), as in pre-training, so resuming repeats them.
+        views = Views([train_transform(self.optim, self.image_size)])
+        return self.resumable_loader(
+            Transformed(self.train_source, views, seed=self.seed),
+            batch_size=int(self.cfg["batch_size"]),
+            seed=self.seed,
+            num_workers=int(self.cfg.get("num_workers", 0)),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        from advpt.data.module import Transformed
+        from advpt.data.transforms import eval_transform
+
+        if self.val_source is None:
+            return []  # no test split: no val/top1
+        return self._loader(Transformed(self.val_source, eval_transform(self.image_size)), shuffle=False)
+
+
+class FineTuner(L.LightningModule):
+    """timm ViT classifier on [0, 1] pixels, trained with the recipe's targets, optimiser and schedule."""
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        num_classes: int,
+        layer_decay: float = 1.0,
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        from timm.data import Mixup
+        from torchmetrics.classification import MulticlassAccuracy
+
+        super().__init__()
+        self.save_hyperparameters()
+        self.optim_cfg, self.num_classes = dict(optim), int(num_classes)
+        self.layer_decay, self.batch_size, self.seed = float(layer_decay), int(batch_size), int(seed)
+        self.net = Encoder.from_config(model, self.num_classes, drop_path_rate=float(optim["drop_path_rate"]))
+        init_head(self.net.vit)
+        mixup, cutmix = float(optim.get("mixup", 0.0)), float(optim.get("cutmix", 0.0))
+        self.smoothing = float(optim.get("label_smoothing", 0.0))
+        self.mixup = (
+            Mixup(
+                mixup_alpha=mixup,
+                cutmix_alpha=cutmix,
+                label_smoothing=self.smoothing,
+                num_classes=self.num_classes,
+            )
+            if mixup > 0 or cutmix > 0
+            else None
+        )
+        self.val_top1 = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+        self.validated_at: int | None = None
+
+    @property
+    def vit(self) -> nn.Module:
+        return self.net.vit
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        from advpt.data.module import seed_batch
+
+        # mixup, cutmix, drop path follow (seed, epoch, batch): resuming anywhere repeats them
+        seed_batch(self.seed, self.current_epoch, batch_idx, self.global_rank)
+
+    def targets(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mixup / cutmix (timm, on even batches) and label smoothing."""
+        from timm.data.mixup import mixup_target
+
+        if self.mixup is not None and images.shape[0] % 2 == 0:
+            return self.mixup(images, labels)
+        if self.smoothing > 0:
+            return images, mixup_target(labels, self.num_classes, lam=1.0, smoothing=self.smoothing)
+        return images, labels
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        from advpt.methods.classify import soft_cross_entropy
+
+        (images,), labels = batch
+        images, targets = self.targets(images, labels)
+        loss = soft_cross_entropy(self(images), targets).mean()
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=images.shape[0])
+        self.log("train/lr", max(g["lr"] for g in self.optimizers().param_groups), batch_size=images.shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_top1(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits.float(), labels), batch_size=images.shape[0])
+        self.log("val/top1", self.val_top1, prog_bar=True, batch_size=images.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.validated_at = self.global_step
+
+    @property
+    def lr(self) -> float:
+        """Absolute peak lr: the recipe's lr at ``lr_batch`` images, scaled linearly to the batch."""
+        from advpt.methods.base import effective_batch
+
+        batch = effective_batch(self, self.batch_size)
+        return float(self.optim_cfg["lr"]) * batch / float(self.optim_cfg["lr_batch"])
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.vit, self.optim_cfg, self.lr, self.layer_decay)
+        scheduler = build_scheduler(
+            optimizer, self.optim_cfg, max(1, int(self.trainer.estimated_stepping_batches))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # timm schedulers are driven by the update count; the update at step t used lr(t).
+        scheduler.step_update(num_updates=self.global_step)
