@@ -1,4 +1,5 @@
-"""Image sources: the built-in digits, CIFAR-10/100 in torchvision's layout, any ImageFolder tree.
+"""Image sources: the built-in digits, CIFAR-10/100 in torchvision's layout, any ImageFolder tree,
+and the transfer datasets of Table 1 (SUN397, RESISC45, DMLab: ``advpt.data.transfer``).
 
 Every source yields ``(image, label)`` with ``image`` a PIL image or a uint8 tensor [3, H, W];
 transforms turn it into float pixels in [0, 1].
@@ -15,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from advpt.data.transfer import TRANSFER, build_transfer, check_transfer
 from advpt.errors import UserError
 
-SOURCES = ("builtin", "cifar10", "cifar100", "imagefolder")
+SOURCES = ("builtin", "cifar10", "cifar100", "imagefolder", *TRANSFER)
 
 
 class Digits(Dataset):
@@ -93,6 +95,8 @@ def build_source(data: Mapping[str, Any], train: bool = True, image_size: int = 
             return ImageFolder(str(folder))
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"data.root={root}: {e}") from None
+    if name in TRANSFER:
+        return build_transfer(name, root, train)
     raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(SOURCES)}")
 
 
@@ -118,6 +122,9 @@ def check_source(data: Mapping[str, Any]) -> None:
         if not root.exists() and not data.get("download", True):
             raise UserError(f"data.root={root} does not exist (and data.download=false)")
         build_source(data, train=True)  # downloads if allowed, else one clear line
+    elif name in TRANSFER:
+        check_transfer(name, Path(str(data.get("root") or "data")).expanduser())
+        build_source(data, train=True)  # never downloaded: present as published, else one clear line
 
 
 def num_classes(dataset: Dataset) -> int:
