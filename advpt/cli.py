@@ -28,11 +28,22 @@ COMMANDS = {
         "advpt.evaluate",
         "clean, shifted and robust top-1 of a fine-tuned model (suite=auto|imagenet_variants); results.json",
     ),
+    "study": (
+        "advpt.study",
+        "a whole grid of the paper (pretrain, scratch, finetune, evaluate, transfer) and its report; resumable",
+    ),
+    "report": (
+        "advpt.report",
+        "the paper's figures and tables (Fig. 1, 2, 3, 5, Table 1) from the runs found under runs=[DIR,...]",
+    ),
     "visualize": (
         "advpt.visualize",
         "PCA of patch-embedding filters, one panel per checkpoint (paper Fig. 4); filters.png",
     ),
 }
+
+# Commands whose folder holds other runs' results: never removed on an error.
+KEEPS_FOLDER = {"study", "report"}
 
 USAGE = "usage: advpt <command> [key=value ...] [-m] [--help] [--cfg job]\n\ncommands:\n" + "\n".join(
     f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()
@@ -137,8 +148,9 @@ def _run_hydra(command: str, overrides: list[str]) -> None:
             job = importlib.import_module(COMMANDS[command][0])
             job.run(cfg)
         except UserError as e:
-            # Leave nothing half-written: a run directory that never got a checkpoint is removed.
-            if out.is_dir() and not (out / "checkpoints").exists():
+            # Leave nothing half-written: a run directory that never got a checkpoint is removed
+            # (a study's folder holds other runs: it stays).
+            if command not in KEEPS_FOLDER and out.is_dir() and not (out / "checkpoints").exists():
                 shutil.rmtree(out, ignore_errors=True)
             fail(str(e), command)
         except Preempted as e:

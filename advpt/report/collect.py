@@ -1,0 +1,147 @@
+"""Find evaluation runs and trace each back to what produced it.
+
+An ``evaluate`` run's ``results.json`` names the fine-tuned weights it scored; the fine-tuning run's
+``model.json`` names the encoder it started from (``pretrained``: null for a from-scratch model), its
+data, optimiser and layer decay; the pre-training run's ``config.yaml`` names the method, attack and
+radius. Each evaluation becomes one flat row. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Note = Callable[[str], None]
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    try:
+        value = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def radius_value(eps: Any) -> float:
+    """``4/255`` -> 0.0157, ``0.5`` -> 0.5 (``None`` -> 0)."""
+    if eps is None:
+        return 0.0
+    try:
+        return float(Fraction(str(eps).strip()))
+    except (ValueError, ZeroDivisionError):
+        return float("nan")
+
+
+def radius_label(attack: str, eps: Any) -> str:
+    """A radius as the paper writes it: l_inf as k/255, l2 as a decimal, nominal as ``-``."""
+    if attack == "none":
+        return "-"
+    value = radius_value(eps)
+    if attack == "linf":
+        k = value * 255
+        return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{value:g}"
+    return f"{value:g}"
+
+
+def _run_dir(weights: Path) -> Path:
+    return weights.parent.parent if weights.parent.name == "checkpoints" else weights.parent
+
+
+def pretrain_labels(directory: Path) -> dict[str, Any] | None:
+    """Method, attack, radius and seed of a pre-training run (``None`` when it records none)."""
+    cfg = _yaml(directory / "config.yaml") or _yaml(directory / ".hydra" / "config.yaml")
+    if not cfg or "method" not in cfg:
+        return None
+    attack = (cfg.get("attack") or {}).get("name", "none")
+    eps = cfg.get("eps")
+    if eps is None:
+        eps = (cfg.get("attack") or {}).get("default_eps", 0)
+    return {
+        "method": (cfg["method"] or {}).get("name"),
+        "attack": attack,
+        "eps": 0 if attack == "none" else eps,
+        "pretrain_seed": cfg.get("seed", 0),
+        "pretrain": str(directory),
+    }
+
+
+def row_of(results_path: Path, note: Note) -> dict[str, Any] | None:
+    """One flat row for an ``evaluate`` run (``None``, with a note, when its lineage cannot be read)."""
+    results = _json(results_path)
+    if "sets" not in results:
+        note(f"skipped {results_path}: not an evaluation result")
+        return None
+    weights = Path(str(results.get("checkpoint", "")))
+    finetune_dir = _run_dir(weights)
+    spec = _json(finetune_dir / "model.json")
+    if not spec:
+        note(f"skipped {results_path}: the fine-tuned model it names ({weights}) has no model.json")
+        return None
+    ft_cfg = _yaml(finetune_dir / "config.yaml")
+    pretrained = spec.get("pretrained")
+    if pretrained and str(pretrained) != "none":
+        labels = pretrain_labels(_run_dir(Path(str(pretrained))))
+        if labels is None:
+            note(f"skipped {results_path}: its encoder {pretrained} has no pre-training config.yaml")
+            return None
+    else:
+        labels = {"method": "scratch", "attack": "none", "eps": 0, "pretrain_seed": None, "pretrain": None}
+    optim = spec.get("optim") or {}
+    sets = {
+        name: {"top1": entry["top1"], "images": int(entry.get("images", 0))}
+        for name, entry in results["sets"].items()
+        if "group" not in entry and entry.get("top1") is not None
+    }
+    robust = {
+        norm: {
+            radius: {"accuracy": r["accuracy"], "images": int(r["images"]), "eps": r.get("eps", radius)}
+            for radius, r in by_radius.items()
+        }
+        for norm, by_radius in (results.get("robust") or {}).items()
+    }
+    return {
+        **labels,
+        "eps_value": radius_value(labels["eps"]),
+        "radius": radius_label(labels["attack"], labels["eps"]),
+        "seed": ft_cfg.get("seed", labels.get("pretrain_seed") or 0),
+        "data": (spec.get("data") or {}).get("name"),
+        "optim": optim.get("name"),
+        "layer_decay": float(spec.get("layer_decay", optim.get("layer_decay", 1.0))),
+        "sets": sets,
+        "robust": robust,
+        "suite": results.get("suite"),
+        "evaluate": str(results_path.parent),
+        "finetune": str(finetune_dir),
+    }
+
+
+def collect(roots: Iterable[Path | str], note: Note = lambda _m: None) -> list[dict[str, Any]]:
+    """Every evaluation row under ``roots`` (folders searched recursively, or results.json files)."""
+    rows, seen = [], set()
+    for root in roots:
+        root = Path(root).expanduser()
+        if not root.exists():
+            note(f"skipped {root}: it does not exist")
+            continue
+        paths = [root] if root.is_file() else sorted(root.glob("**/results.json"))
+        for path in paths:
+            if ".hydra" in path.parts or path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            row = row_of(path, note)
+            if row is not None:
+                rows.append(row)
+    return rows

@@ -1,0 +1,155 @@
+"""The report's figures (matplotlib, no display): each shows its 95 % intervals."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from advpt.report.aggregate import ATTACK_LABEL, METHOD_LABEL, METHOD_ORDER, Estimate
+
+COLOURS = {"supervised": "tab:red", "rotnet": "tab:green", "mae": "tab:blue", "byol": "tab:orange"}
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    _plt().close(fig)
+    tmp.replace(path)
+    return path
+
+
+def fig1(table: Sequence[Mapping[str, Any]], base: Estimate | None, path: Path) -> Path:
+    """Two panels (l_inf, l2) with aligned y-axes: average accuracy minus the scratch model's against the
+    radius, one line per method; the nominal model sits at radius 0 of both."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    value = "minus_scratch" if base is not None else "average"
+    for ax, attack in zip(axes, ("linf", "l2"), strict=True):
+        for method in [m for m in METHOD_ORDER if any(r["method"] == m for r in table)]:
+            points = [r for r in table if r["method"] == method and r["attack"] in ("none", attack)]
+            points.sort(key=lambda r: r["eps_value"])
+            if not points:
+                continue
+            xs = [r["eps_value"] * (255 if attack == "linf" else 1) for r in points]
+            ys = [100 * r[value].mean for r in points]
+            err = [100 * r[value].half for r in points]
+            ax.errorbar(
+                xs, ys, yerr=err, marker="o", capsize=3, label=METHOD_LABEL[method], color=COLOURS.get(method)
+            )
+        if base is not None:
+            ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("radius ε∞ (×1/255)" if attack == "linf" else "radius ε2")
+        ax.set_title(f"{ATTACK_LABEL[attack]} attacks (radius 0: nominal)")
+        ax.grid(alpha=0.3)
+    if base is not None:
+        axes[0].set_ylabel(f"average top-1 − scratch ({100 * base.mean:.2f} %), points")
+    else:
+        axes[0].set_ylabel("average top-1 % (no scratch run found)")
+    axes[1].legend(loc="best", fontsize=8)
+    fig.suptitle("Fig. 1: influence of the perturbation radius (bars: 95 % intervals)")
+    return _save(fig, path)
+
+
+def _heatmap(
+    ax: Any, rows: list[str], columns: list[str], cells: list[list[Estimate | None]], title: str
+) -> None:
+    """Row-normalised colours (red: better), each cell annotated with top-1 % ± its 95 % half-width."""
+    import numpy as np
+
+    values = np.array([[c.mean if c is not None else np.nan for c in row] for row in cells], dtype=float)
+    lo = np.nanmin(values, axis=1, keepdims=True)
+    hi = np.nanmax(values, axis=1, keepdims=True)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    ax.imshow((values - lo) / span, cmap="coolwarm", vmin=0, vmax=1, aspect="auto")
+    for i, row in enumerate(cells):
+        for j, cell in enumerate(row):
+            if cell is not None:
+                ax.text(
+                    j,
+                    i,
+                    f"{100 * cell.mean:.1f}\n±{100 * cell.half:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                )
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_title(title, fontsize=9)
+
+
+def fig2(columns: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    plt = _plt()
+    sets = list(dict.fromkeys(n for c in columns for n in c["sets"]))
+    labels = [
+        f"{METHOD_LABEL.get(c['method'], c['method'])} {ATTACK_LABEL.get(c['attack'], c['attack'])}"
+        + ("" if c["attack"] == "none" else f" {c['radius']}")
+        for c in columns
+    ]
+    cells = [[c["sets"].get(s) for c in columns] for s in sets] + [[c["average"] for c in columns]]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(columns), 1.2 + 0.45 * len(cells)))
+    _heatmap(
+        ax,
+        [*sets, "average"],
+        labels,
+        cells,
+        "Fig. 2: best radius of each method and attack (top-1 %, 95 % interval)",
+    )
+    return _save(fig, path)
+
+
+def fig3(entries: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    plt = _plt()
+    models = list(dict.fromkeys((e["method"], e["attack"], e["radius"]) for e in entries))
+    sets = list(dict.fromkeys(n for e in entries for n in e["sets"]))
+    fig, axes = plt.subplots(
+        1, len(models), figsize=(0.5 + 2.6 * len(models), 1.4 + 0.45 * (len(sets) + 1)), squeeze=False
+    )
+    for ax, model in zip(axes[0], models, strict=True):
+        group = [e for e in entries if (e["method"], e["attack"], e["radius"]) == model]
+        cells = [[e["sets"].get(s) for e in group] for s in sets] + [[e["average"] for e in group]]
+        title = f"{METHOD_LABEL.get(model[0], model[0])} {ATTACK_LABEL.get(model[1], model[1])} {model[2]}"
+        _heatmap(ax, [*sets, "average"], [f"γ={e['layer_decay']:g}" for e in group], cells, title)
+    fig.suptitle(
+        "Fig. 3: layer-wise lr decay γ (top-1 %, 95 % interval; colours per row and panel)", fontsize=10
+    )
+    return _save(fig, path)
+
+
+def fig5(points: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    plt = _plt()
+    models = list(dict.fromkeys((p["method"], p["attack"], p["radius"]) for p in points))
+    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.5), squeeze=False, sharey=True)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [p for p in points if (p["method"], p["attack"], p["radius"]) == model]
+        for decay in sorted({p["layer_decay"] for p in mine}):
+            curve = sorted((p for p in mine if p["layer_decay"] == decay), key=lambda p: p["eval_eps"])
+            ax.errorbar(
+                [p["eval_eps"] for p in curve],
+                [100 * p["robust"].mean for p in curve],
+                yerr=[100 * p["robust"].half for p in curve],
+                marker="o",
+                capsize=3,
+                label=f"γ={decay:g}",
+            )
+        ax.set_title(
+            f"{METHOD_LABEL.get(model[0], model[0])} {ATTACK_LABEL.get(model[1], model[1])} {model[2]}",
+            fontsize=9,
+        )
+        ax.set_xlabel(f"{mine[0]['norm']} radius of the evaluation attack")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("robust top-1 %")
+    fig.suptitle(
+        "Fig. 5: robust accuracy after fine-tuning with each layer decay (bars: 95 % intervals)", fontsize=10
+    )
+    return _save(fig, path)
