@@ -75,13 +75,16 @@ class Linear2(nn.Module):
         return torch.stack([torch.zeros_like(z), z], dim=-1)
 
 
-@pytest.mark.parametrize("norm,unit", [("linf", 2 / 255), ("l2", 0.1)])
-def test_robust_accuracy_of_a_linear_model_is_its_closed_form(norm: str, unit: float) -> None:
-    # Under an l_p ball of radius eps the worst case lowers the margin by eps * ||w||_q (q the dual norm),
-    # so an example is robust iff margin > eps * ||w||_q. Margins are planted at multiples of
-    # unit * ||w||_q away from the thresholds at radii 0, unit and 2 unit.
+def planted_margins(norm: str, unit: float, side: int = 4) -> tuple[Linear2, Tensor, Tensor, list[int]]:
+    """A linear model on side x side images and 42 examples whose robust count at radii 0, unit, 2 unit
+    is known: 36, 24, 12.
+
+    Under an l_p ball of radius eps the worst case lowers the margin by eps * ||w||_q (q the dual norm),
+    so an example is robust iff margin > eps * ||w||_q. Margins are planted at multiples of
+    unit * ||w||_q away from the thresholds at radii 0, unit and 2 unit.
+    """
     g = torch.Generator().manual_seed(0)
-    shape = (3, 4, 4)
+    shape = (3, side, side)
     w = (torch.rand(shape, generator=g) + 0.5) * torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
     dual = w.abs().sum() if norm == "linf" else w.norm()
     multiples = torch.tensor([-0.5, 0.3, 0.7, 1.4, 1.7, 2.5, 3.0]).repeat(6)  # 42 examples
@@ -95,14 +98,19 @@ def test_robust_accuracy_of_a_linear_model_is_its_closed_form(norm: str, unit: f
     assert x.min() > 0.3 and x.max() < 0.7
     model = Linear2(w)
     assert torch.allclose(model(x)[:, 1], logit, atol=1e-4)
+    expected = [int((multiples > k).sum()) for k in (0, 1, 2)]  # 6, 4 and 2 of every 7
+    assert expected == [36, 24, 12]
+    return model, x, y, expected
 
+
+@pytest.mark.parametrize("norm,unit", [("linf", 2 / 255), ("l2", 0.1)])
+def test_robust_accuracy_of_a_linear_model_is_its_closed_form(norm: str, unit: float) -> None:
+    model, x, y, expected = planted_margins(norm, unit)
     radii = [0.0, unit, 2 * unit]
     # Step size = radius: the linear case reaches the optimum of the ball in a few steps.
     attacks = [Attack(norm, eps, steps=20, step_size=eps, restarts=1) for eps in radii]
     batches = [(x[:20], y[:20]), (x[20:], y[20:])]
     scores = robust_accuracy(model, batches, attacks)
-    expected = [int((multiples > k).sum()) for k in (0, 1, 2)]  # 6, 4 and 2 of every 7
-    assert expected == [36, 24, 12]
     assert [(s.correct, s.images) for s in scores] == [(n, 42) for n in expected]
 
 

@@ -8,7 +8,8 @@ Scores are grouped: a corruption subset ``<group>/<corruption>/<severity>`` coun
 (``corruptions`` or ``imagenet_c``), reported per corruption (mean over severities) and as one number.
 The average is over the headline sets present, saying how many of the suite's sets it covers.
 
-Robust accuracy: PGD (``advpt.attacks``) on the cross-entropy at each radius; an example counts as robust
+Robust accuracy: PGD (``advpt.attacks``) on the cross-entropy at each radius, or standard AutoAttack
+(``robust.attack=autoattack``, the optional extra ``advpt[autoattack]``); an example counts as robust
 when the model classifies the attacked input correctly (clean mistakes are attacked too and count as
 failures), so robust accuracy is over all attacked images.
 
@@ -19,17 +20,27 @@ failures), so robust accuracy is over all attacked images.
               group: {"top1", "images", "subsets"},              # corruptions / imagenet_c: mean of subsets
               group/corruption: {"top1", "images", "group", "severities": {"1": top1, ...}}},
      "average": {"top1", "sets": headline sets present, "of": headline sets of the suite},
-     "robust_set": name, "robust": {norm: {radius as written: {"accuracy", "images", "eps", "steps",
-     "restarts", "step_size"}}}, "warnings": [...], "config": {...}}
+     "robust_set": name, "robust": {norm: {radius as written: {"accuracy", "images", "eps", "attack",
+     PGD's "steps", "restarts", "step_size"}}},
+     "robust_attack": {"name": "pgd" | "autoattack", "implementation", PGD's "steps", "restarts" |
+                       AutoAttack's "version", "attacks", "target_classes"},
+     "warnings": [...], "config": {...}}
 
 ``checkpoint``: find and load the classifier; ``suites``: which sets; ``scoring``: clean top-1;
-``robust``: robust accuracy; ``table``: grouping, the average, the text table, ``results.json``;
-``command``: check, evaluate, run.
+``robust``: robust accuracy under PGD, ``autoattack``: under AutoAttack; ``table``: grouping, the
+average, the text table, ``results.json``; ``command``: check, evaluate, run.
 """
 
 from advpt.evaluate.checkpoint import image_size, load_classifier, read_spec, resolve_checkpoint
 from advpt.evaluate.command import check, evaluate, run
-from advpt.evaluate.robust import RobustSpec, positive_int, robust_accuracy, robust_specs
+from advpt.evaluate.robust import (
+    ATTACKS,
+    RobustSpec,
+    positive_int,
+    robust_accuracy,
+    robust_results,
+    robust_specs,
+)
 from advpt.evaluate.scoring import PRECISIONS, Score, clean_score
 from advpt.evaluate.suites import (
     CORRUPTIONS_GROUP,
@@ -44,6 +55,7 @@ from advpt.evaluate.suites import (
 from advpt.evaluate.table import format_table, summarise, write_json
 
 __all__ = [
+    "ATTACKS",
     "CORRUPTIONS_GROUP",
     "IMAGENET_SETS",
     "PRECISIONS",
@@ -65,6 +77,7 @@ __all__ = [
     "read_spec",
     "resolve_checkpoint",
     "robust_accuracy",
+    "robust_results",
     "robust_specs",
     "run",
     "summarise",

@@ -16,7 +16,7 @@ from advpt.config import check_arguments
 from advpt.data.variants import EvalSet
 from advpt.errors import UserError
 from advpt.evaluate.checkpoint import image_size, load_classifier, read_spec, resolve_checkpoint
-from advpt.evaluate.robust import positive_int, robust_accuracy, robust_specs
+from advpt.evaluate.robust import positive_int, robust_results, robust_specs
 from advpt.evaluate.scoring import PRECISIONS, Score, clean_score
 from advpt.evaluate.suites import (
     CORRUPTIONS_GROUP,
@@ -167,21 +167,21 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
     table, average = summarise(sets, scores, expected)
 
     robust: dict[str, dict[str, Any]] = {}
+    robust_attack: dict[str, Any] | None = None
     if cfg.robust.enabled and robust_set is not None:
         specs = robust_specs(cfg.robust, size)
         torch.manual_seed(seed)  # the attacks' random starts
         batches = loader(capped(robust_set.dataset, cfg.robust.max_images, seed))
-        for spec_, score in zip(
-            specs, robust_accuracy(model, batches, [r.attack for r in specs], dtype), strict=True
-        ):
-            robust.setdefault(spec_.norm, {})[spec_.radius] = {
-                "accuracy": score.top1 if score.images else None,
-                "images": score.images,
-                "eps": spec_.attack.eps,
-                "steps": spec_.attack.steps,
-                "restarts": spec_.attack.restarts,
-                "step_size": spec_.attack.alpha,
-            }
+        robust, robust_attack = robust_results(
+            model,
+            batches,
+            specs,
+            str(cfg.robust.get("attack", "pgd")),
+            num_classes=int(spec["num_classes"]),
+            seed=seed,
+            dtype=dtype,
+            warn=note,
+        )
 
     results = {
         "checkpoint": str(weights),
@@ -192,6 +192,7 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
         "average": average,
         "robust_set": robust_set.name if robust else None,
         "robust": robust,
+        "robust_attack": robust_attack if robust else None,
         "warnings": warnings,
         "config": OmegaConf.to_container(cfg, resolve=False),
     }

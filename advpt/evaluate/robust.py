@@ -1,13 +1,14 @@
 """Robust accuracy: the attacks the ``robust`` config asks for, and how many examples survive them.
 
 An example counts as robust when the model classifies the attacked input correctly (clean mistakes
-are attacked too and count as failures), so robust accuracy is over all attacked images.
+are attacked too and count as failures), so robust accuracy is over all attacked images. The attack
+is our PGD (``robust.attack=pgd``, here) or AutoAttack (``robust.attack=autoattack``, ``autoattack.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from advpt.attacks import Attack, pgd
 from advpt.config import parse_number
 from advpt.errors import UserError
 from advpt.evaluate.scoring import Score, autocast, device_of
+
+ATTACKS = ("pgd", "autoattack")
 
 
 def positive_int(value: Any, key: str, what: str = "expected") -> None:
@@ -65,7 +68,17 @@ class RobustSpec:
 
 
 def robust_specs(robust: Mapping[str, Any], size: int) -> list[RobustSpec]:
-    """Every (norm, radius) attack the ``robust`` config asks for; raises UserError on a bad value."""
+    """Every (norm, radius) attack the ``robust`` config asks for; raises UserError on a bad value.
+
+    With ``robust.attack=autoattack`` only each norm and radius is used (AutoAttack fixes its own steps).
+    """
+    name = robust.get("attack", "pgd")
+    if name not in ATTACKS:
+        raise UserError(f"robust.attack={name} is unknown; choose one of {', '.join(ATTACKS)}")
+    if name == "autoattack":
+        from advpt.evaluate.autoattack import require
+
+        require()
     steps, restarts = robust["steps"], robust["restarts"]
     positive_int(steps, "robust.steps", "the number of PGD steps must be")
     positive_int(restarts, "robust.restarts", "the number of restarts must be")
@@ -102,3 +115,39 @@ def robust_specs(robust: Mapping[str, Any], size: int) -> list[RobustSpec]:
             attack = Attack(norm, eps, steps=steps, step_size=relative * eps, restarts=restarts)
             specs.append(RobustSpec(norm, str(raw), attack))
     return specs
+
+
+def robust_results(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    specs: Sequence[RobustSpec],
+    attack: str = "pgd",
+    num_classes: int = 0,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """``results.json``'s ``robust`` (norm -> radius -> accuracy, images, eps, the attack's settings)
+    and ``robust_attack`` (which attack produced them), under PGD or AutoAttack."""
+    attacks = [s.attack for s in specs]
+    if attack == "autoattack":
+        from advpt.evaluate.autoattack import autoattack_accuracy, describe
+
+        scores = autoattack_accuracy(model, batches, attacks, num_classes, seed, dtype, warn)
+        record = describe(num_classes)
+        settings: list[dict[str, Any]] = [{} for _ in attacks]
+    else:
+        scores = robust_accuracy(model, batches, attacks, dtype)
+        record = {"name": "pgd", "implementation": "advpt.attacks"}
+        record |= {"steps": attacks[0].steps, "restarts": attacks[0].restarts} if attacks else {}
+        settings = [{"steps": a.steps, "restarts": a.restarts, "step_size": a.alpha} for a in attacks]
+    table: dict[str, dict[str, Any]] = {}
+    for spec, score, extra in zip(specs, scores, settings, strict=True):
+        table.setdefault(spec.norm, {})[spec.radius] = {
+            "accuracy": score.top1 if score.images else None,
+            "images": score.images,
+            "eps": spec.attack.eps,
+            "attack": attack,
+            **extra,
+        }
+    return table, record

@@ -68,12 +68,17 @@ def format_table(results: Mapping[str, Any]) -> str:
     lines.append(f"{avg_label:<{width}}  {pct(avg['top1']):>8}")
     robust = results.get("robust") or {}
     if robust:
-        first = next(iter(next(iter(robust.values())).values()))
-        restarts = first["restarts"]
+        attack = results.get("robust_attack") or {}
+        if attack.get("name") == "autoattack":
+            attacks = ", ".join(a.upper() for a in attack["attacks"])
+            title = f"AutoAttack {attack['version']}: {attacks}"
+        else:  # PGD; results.json written before robust_attack existed say so only per radius
+            first = next(iter(next(iter(robust.values())).values()))
+            restarts = first["restarts"]
+            title = f"PGD-{first['steps']}, {restarts} restart{'s' if restarts > 1 else ''}"
         lines += [
             "",
-            f"robust accuracy on {results['robust_set']} "
-            f"(PGD-{first['steps']}, {restarts} restart{'s' if restarts > 1 else ''})",
+            f"robust accuracy on {results['robust_set']} ({title})",
             f"{'norm':<6}  {'radius':>8}  {'top-1 %':>8}  {'images':>8}",
         ]
         for norm, by_radius in robust.items():
