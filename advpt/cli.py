@@ -40,6 +40,10 @@ COMMANDS = {
         "advpt.visualize",
         "PCA of patch-embedding filters, one panel per checkpoint (paper Fig. 4); filters.png",
     ),
+    "shards": (
+        "advpt.shards",
+        "write a dataset's splits as webdataset shards + info.json (train with data=shards data.root=DIR)",
+    ),
 }
 
 # Commands whose folder holds other runs' results: never removed on an error.

@@ -306,6 +306,10 @@ _TRAINING = {
     "trainer.accumulate_grad_batches": COUNT,
     "trainer.log_every_n_steps": COUNT,
     "trainer.gradient_clip_val": Range(0, special=(None,)),
+    # data=shards
+    "data.epoch_samples": OPTIONAL_COUNT,
+    "data.shuffle_buffer": COUNT,
+    "data.decode_min_side": Range(0, integer=True, special=(None,)),
 }
 RANGES: dict[str, dict[str, Range]] = {
     "pretrain": {
@@ -357,6 +361,11 @@ RANGES: dict[str, dict[str, Range]] = {
         "robust.max_images": OPTIONAL_COUNT,
     },
     "visualize": {"components": Range(1, integer=True, text="expected an integer >= 1 (the paper draws 28)")},
+    "shards": {
+        "shard_size": COUNT,
+        "max_side": OPTIONAL_COUNT,
+        "quality": Range(1, 100, integer=True, special=(None,)),
+    },
 }
 
 

@@ -62,8 +62,20 @@ class EpochSampler(Sampler):
 def train_loader(
     dataset: Dataset, batch_size: int, seed: int, num_workers: int, trainer: L.Trainer | None = None
 ) -> DataLoader:
-    """The shuffled, per-rank training loader shared by pre-training and fine-tuning."""
+    """The shuffled, per-rank training loader shared by pre-training and fine-tuning.
+
+    Indexed sources: an :class:`EpochSampler` over ``dataset``. Shards (``data=shards``): a stream
+    (:func:`advpt.data.shards.stream_loader`) of ``dataset.transform`` applied to the shards.
+    """
+    from advpt.data.shards import ShardSource, stream_loader
+
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    if isinstance(getattr(dataset, "base", None), ShardSource):
+        # the epoch Lightning would hand a sampler's set_epoch
+        epoch_of = (lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer else None
+        return stream_loader(
+            dataset.base, dataset.transform, batch_size, seed, num_workers, rank, world, epoch_of
+        )
     sampler = EpochSampler(len(dataset), seed, rank=rank, world=world)
     return DataLoader(
         dataset,
@@ -91,8 +103,7 @@ class ResumableData(L.LightningDataModule):
 
     def resumable_loader(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> DataLoader:
         loader = train_loader(dataset, batch_size, seed, num_workers, self.trainer)
-        sampler = loader.sampler
-        assert isinstance(sampler, EpochSampler)
+        sampler = position(loader)
         if self._resume is not None:
             epoch, batches = self._resume
             if batches >= len(loader):  # saved at the end of an epoch: the next one starts afresh
@@ -105,8 +116,7 @@ class ResumableData(L.LightningDataModule):
     def state_dict(self) -> dict[str, int]:
         if self._train is None or self.trainer is None:
             return {}
-        sampler = self._train.sampler
-        assert isinstance(sampler, EpochSampler)
+        sampler = position(self._train)
         # Batches of this epoch the Trainer has trained on (whatever the loader has prefetched).
         return {
             "epoch": sampler.epoch,
@@ -118,15 +128,33 @@ class ResumableData(L.LightningDataModule):
             self._resume = (int(state["epoch"]), int(state["batches"]))
 
 
+def position(loader: DataLoader) -> Any:
+    """What knows a training loader's epoch and where it starts (``epoch``, ``skip`` in samples):
+    its :class:`EpochSampler`, or the shard stream of a ``StreamLoader``."""
+    found = getattr(loader, "position", loader.sampler)
+    assert hasattr(found, "epoch") and hasattr(found, "skip"), type(found)
+    return found
+
+
 class Transformed(Dataset):
     """``(image, label) -> (transform(image), label)``; indexed by ``i`` or by ``(epoch, i)``.
 
     Given ``(epoch, i)`` and a ``seed``, the random augmentation depends on (seed, epoch, i) alone,
     whatever the number of workers or the state of the global generator.
+
+    An image the source could not read (``None``) is counted in ``skipped``; with a ``seed`` (training)
+    the next readable item takes its place, so batches keep their size; without (evaluation) the item
+    is ``None``, which the evaluation loader drops (``advpt.data.skipping``).
     """
 
+    # Unreadable items in a row before training gives up on the source.
+    MAX_UNREADABLE_RUN = 64
+
     def __init__(self, base: Dataset, transform: Any, seed: int | None = None) -> None:
+        from advpt.data.skipping import SkipCounter
+
         self.base, self.transform, self.seed = base, transform, seed
+        self.skipped = SkipCounter()
 
     def __len__(self) -> int:
         return len(self.base)
@@ -134,6 +162,17 @@ class Transformed(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
         epoch, i = key if isinstance(key, tuple) else (None, key)
         image, label = self.base[i]
+        if image is None:
+            self.skipped.add()
+            if self.seed is None:
+                return None  # type: ignore[return-value]
+            for step in range(1, self.MAX_UNREADABLE_RUN + 1):
+                image, label = self.base[(i + step) % len(self)]
+                if image is not None:
+                    break
+                self.skipped.add()
+            else:
+                raise RuntimeError(f"{self.MAX_UNREADABLE_RUN + 1} unreadable images in a row from item {i}")
         if self.seed is None or epoch is None:
             return self.transform(image), label
         with torch.random.fork_rng(devices=[]):

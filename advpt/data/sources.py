@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from advpt.data.transfer import TRANSFER, build_transfer, check_transfer
 from advpt.errors import UserError
 
-SOURCES = ("builtin", "cifar10", "cifar100", "imagefolder", *TRANSFER)
+SOURCES = ("builtin", "cifar10", "cifar100", "imagefolder", "shards", *TRANSFER)
 
 
 class Digits(Dataset):
@@ -82,6 +82,10 @@ def build_source(data: Mapping[str, Any], train: bool = True, image_size: int = 
     name = data["name"]
     if name == "builtin":
         return Digits(train=train, size=image_size)
+    if name == "shards":  # webdataset shards: streamed for training, indexed for evaluation
+        from advpt.data.shards import build_source as build_shards
+
+        return build_shards(data, train, image_size)
     root = Path(str(data.get("root") or "data")).expanduser()
     if name in ("cifar10", "cifar100"):
         return _cifar(name, root, train, bool(data.get("download", True)))
@@ -92,7 +96,10 @@ def build_source(data: Mapping[str, Any], train: bool = True, image_size: int = 
         if folder is None:
             return None
         try:
-            return ImageFolder(str(folder))
+            from advpt.data.skipping import open_rgb
+
+            # an unreadable file comes back as None: skipped and counted, never fatal
+            return ImageFolder(str(folder), loader=open_rgb)
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"data.root={root}: {e}") from None
     if name in TRANSFER:
@@ -122,6 +129,10 @@ def check_source(data: Mapping[str, Any]) -> None:
         if not root.exists() and not data.get("download", True):
             raise UserError(f"data.root={root} does not exist (and data.download=false)")
         build_source(data, train=True)  # downloads if allowed, else one clear line
+    elif name == "shards":
+        from advpt.data.shards import check_source as check_shards
+
+        check_shards(data)
     elif name in TRANSFER:
         check_transfer(name, Path(str(data.get("root") or "data")).expanduser())
         build_source(data, train=True)  # never downloaded: present as published, else one clear line

@@ -1,0 +1,157 @@
+"""Unreadable images are skipped and counted, never fatal.
+
+A source returns ``None`` in place of an image it cannot decode (:func:`open_rgb` for ImageFolder
+trees, the shard readers of :mod:`advpt.data.shards`). Training replaces such an item by the next
+readable one, so batches keep their size; evaluation drops it (:func:`drop_unreadable`, :class:`EvalLoader`),
+so every readable image is scored once. Each skip is counted in a :class:`SkipCounter` that loader
+processes share with the main process; :class:`SkippedSamples` logs the total as ``data/skipped`` and
+says at the end how many there were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data._utils.collate import default_collate
+
+# Slot 0 counts the main process, slots 1.. the loader processes (modulo the slots there are).
+SLOTS = 256
+
+
+class SkipCounter:
+    """A count of skipped items that loader processes add to and the main process reads.
+
+    The counts live in shared memory (one slot per process, so no two processes write the same
+    number), and travel to loader processes, forked or spawned, with the dataset that holds them.
+    """
+
+    def __init__(self) -> None:
+        self.counts = torch.zeros(SLOTS, dtype=torch.int64).share_memory_()
+
+    def add(self, n: int = 1) -> None:
+        info = get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (SLOTS - 1)
+        self.counts[slot] += n
+
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+
+def unreadable(obj: Any) -> int:
+    """Items skipped so far by a dataset (or loader) and everything it wraps."""
+    seen: set[int] = set()
+    total = 0
+    while obj is not None and id(obj) not in seen:
+        seen.add(id(obj))
+        counter = getattr(obj, "skipped", None)
+        if isinstance(counter, SkipCounter):
+            total += counter.total()
+        total += int(getattr(obj, "incomplete", 0) or 0)
+        obj = getattr(obj, "dataset", None) or getattr(obj, "base", None)
+    return total
+
+
+def open_rgb(path: str) -> Any:
+    """An image file as an RGB PIL image, or ``None`` when it cannot be decoded (ImageFolder's loader)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f, Image.open(f) as image:
+            return image.convert("RGB")
+    except Exception:  # truncated, not an image, unsupported mode ...: skipped and counted by the caller
+        return None
+
+
+def drop_unreadable(batch: Sequence[Any]) -> Any:
+    """``default_collate`` of the readable items (``None`` when a batch holds none)."""
+    kept = [item for item in batch if item is not None]
+    return default_collate(kept) if kept else None
+
+
+class RankShare(Sampler):
+    """Indices ``rank, rank + world, ...`` in order: the ranks' shares are disjoint and together hold
+    every index exactly once (no padding, unlike ``DistributedSampler``; shares differ by at most one)."""
+
+    def __init__(self, size: int, rank: int = 0, world: int = 1) -> None:
+        self.size, self.rank, self.world = size, rank, world
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world))
+
+
+class EvalLoader(DataLoader):
+    """An evaluation loader: unreadable images dropped, a batch with none left is not yielded."""
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return (batch for batch in super().__iter__() if batch is not None)
+
+
+def eval_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    pin_memory: bool | None = None,
+) -> EvalLoader:
+    """Every readable item of ``dataset`` once, in order, this rank's share of it when ``world > 1``."""
+    return EvalLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=RankShare(len(dataset), rank, world),  # type: ignore[arg-type]
+        num_workers=num_workers,
+        collate_fn=drop_unreadable,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+    )
+
+
+def skipped_total(trainer: L.Trainer) -> int:
+    """Items this process's training and validation loaders have skipped so far."""
+    loaders: list[Any] = [trainer.train_dataloader]
+    val = trainer.val_dataloaders
+    loaders += list(val) if isinstance(val, list | tuple) else [val]
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None:  # the module keeps the loader it built; Lightning may wrap it
+        loaders.append(getattr(datamodule, "_train", None))
+    seen: set[int] = set()
+    total = 0
+    for loader in loaders:
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and id(dataset) not in seen:
+            seen.add(id(dataset))
+            total += unreadable(dataset)
+    return total
+
+
+class SkippedSamples(Callback):
+    """Logs ``data/skipped`` (all processes together) and ends the run with one line when it is not 0."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        pl_module.log(
+            "data/skipped",
+            float(skipped_total(trainer)),
+            on_step=True,
+            on_epoch=False,
+            reduce_fx="sum",
+            sync_dist=trainer.world_size > 1,
+            batch_size=1,
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = torch.tensor(float(skipped_total(trainer)), device=pl_module.device)
+        if trainer.world_size > 1:
+            total = trainer.strategy.reduce(total, reduce_op="sum")
+        if trainer.is_global_zero and int(total):
+            print(
+                f"advpt: skipped {int(total)} unreadable or incomplete sample{'s' if int(total) != 1 else ''} "
+                "(data/skipped in metrics.csv)",
+                flush=True,
+            )
