@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,7 @@ def test_resisc45_seeded_split_without_lists(tmp_path: Path) -> None:
     assert num_classes(train) == 3 and len(train) == 24 and len(test) == 6
     assert sorted(labels_of(test)) == [0, 0, 1, 1, 2, 2]
     assert not set(train.indices) & set(test.indices)
+    assert pickle.loads(pickle.dumps(train))[5][1] == train[5][1]
 
 
 # -- DMLab -------------------------------------------------------------------------------------------------
@@ -163,6 +165,7 @@ def test_dmlab_exported_folders_keep_tfds_labels(tmp_path: Path) -> None:
         for p, label in dataset.samples:
             assert label == int(Path(p).parent.name) and "validation" not in p
     assert len(train) == 12 and len(test) == 11
+    assert pickle.loads(pickle.dumps(test))[3][1] == test[3][1]  # loader workers may spawn, not fork
 
 
 def test_dmlab_finetune_and_evaluate(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -145,21 +145,40 @@ def sun397(root: Path, train: bool) -> Split:
 
 
 # -- RESISC45 -------------------------------------------------------------------------------------------
-def _image_folder(folder: Path, classes: list[str] | None = None, keep: set[str] | None = None) -> Any:
-    """torchvision's ImageFolder over ``folder``, with ``classes`` fixed if given and only file names in ``keep``."""
-    from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+class Folder(Dataset):
+    """``folder/<class>/<image>`` as torchvision's ImageFolder reads it, with ``classes`` fixed if given
+    (a class absent here keeps its label) and only the file names in ``keep`` if given.
 
-    class Folder(ImageFolder):
-        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-            found = classes if classes is not None else super().find_classes(directory)[0]
-            return found, {c: i for i, c in enumerate(found)}
+    A module-level class rather than an ImageFolder subclass made on the fly, so loader workers can pickle it.
+    """
 
-    def valid(path: str) -> bool:
-        p = Path(path)
-        return p.suffix.lower() in IMG_EXTENSIONS and (keep is None or p.name in keep)
+    def __init__(self, folder: Path, classes: list[str] | None = None, keep: set[str] | None = None) -> None:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-    return Folder(str(folder), is_valid_file=valid, allow_empty=True)
+        if classes is None:
+            classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        self.classes = list(classes)
+
+        def valid(path: str) -> bool:
+            p = Path(path)
+            return p.suffix.lower() in IMG_EXTENSIONS and (keep is None or p.name in keep)
+
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.samples = make_dataset(str(folder), index, is_valid_file=valid, allow_empty=True)
+        self.targets = [label for _, label in self.samples]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        from torchvision.datasets.folder import default_loader
+
+        path, label = self.samples[i]
+        return default_loader(path), label
 
 
 def resisc45(root: Path, train: bool) -> Dataset:
@@ -171,13 +190,13 @@ def resisc45(root: Path, train: bool) -> Dataset:
     if all(p.is_file() for p in lists.values()):
         split_file = lists["train" if train else "test"]
         names = set(_read_list(split_file))
-        dataset = _image_folder(folder, keep=names)
+        dataset = Folder(folder, keep=names)
         if len(dataset) != len(names):
             raise UserError(
                 f"resisc45: {split_file} lists {len(names)} images, {len(dataset)} of them are under {folder}"
             )
         return dataset
-    dataset = _image_folder(folder)
+    dataset = Folder(folder)
     keys = [Path(p).relative_to(folder).as_posix() for p, _ in dataset.samples]
     return Split(dataset, seeded_split(dataset.targets, keys, train), dataset.targets, dataset.classes)
 
@@ -196,7 +215,7 @@ def dmlab(root: Path, train: bool) -> Dataset | None:
     split = folder / ("train" if train else "test")
     if not split.is_dir():
         return None
-    return _image_folder(split, classes=classes)
+    return Folder(split, classes=classes)
 
 
 # -- dispatch ---------------------------------------------------------------------------------------------
