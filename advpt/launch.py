@@ -102,6 +102,10 @@ def finished_message(run_dir: Path, trainer_cfg: Mapping[str, Any]) -> str | Non
     path = last_checkpoint(run_dir)
     if not path.is_file():
         return None
+    from advpt.runs import PRODUCTS
+
+    if not any((run_dir / PRODUCTS[c]).is_file() for c in ("pretrain", "finetune")):
+        return None  # stopped after its last checkpoint but before its export: resuming exports it
     progress = read_progress(path)
     if not finished(progress, trainer_cfg):
         return None

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from advpt.errors import UserError
 from advpt.report.collect import radius_value
-from advpt.runs import is_finished, shown
+from advpt.runs import PRODUCTS, is_finished, shown
 
 STAGES = ("pretrain", "finetune", "evaluate", "transfer", "transfer-evaluate")
 METHODS = ("mae", "byol", "rotnet", "supervised")
@@ -56,8 +56,18 @@ class Job:
     labels: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def product(self) -> Path:
+        return self.directory / PRODUCTS[self.command]
+
+    @property
     def finished(self) -> bool:
-        return is_finished(self.directory, self.command)
+        """Its product is there, and newer than the product of the job it started from (a model that
+        was trained again is evaluated again)."""
+        if not is_finished(self.directory, self.command):
+            return False
+        if self.needs is None or not self.needs.finished:
+            return self.needs is None
+        return self.product.stat().st_mtime >= self.needs.product.stat().st_mtime
 
     def argv(self) -> list[str]:
         extra = ["resume=auto"] if self.resumable else []
@@ -174,13 +184,14 @@ def finetune_job(
     name = f"{base}-{data}-{optim}-ld{layer_decay}"
     if source is None:
         origin = ["pretrained=none", *([f"model={exp.model}"] if exp.get("model") else [])]
-        origin += _strings(exp.scratch.get("overrides"))
     else:
         origin = [f"pretrained={source.directory}"]
     extra = _strings(exp.finetune.overrides) if data == exp.finetune.data else []
     transfer = exp.get("transfer") or {}
     if stage == "transfer":
         extra = _strings(transfer.get("overrides"))
+    if source is None:  # the scratch model's own settings come last: they win
+        extra += _strings(exp.scratch.get("overrides"))
     data_args = [f"data={data}"]
     if cfg.get("data_root") and data == exp.finetune.data and exp.get("needs_data_root", False):
         data_args.append(f"data.root={cfg.data_root}")
@@ -276,12 +287,20 @@ class Runner:
         done = len(jobs) - len(pending)
         first = f"{name} {done}/{len(jobs)} done"
         first += f", {len(ready)} to run" if ready else ""
-        first += f", {len(blocked)} waiting on a failed run" if blocked else ""
+        if blocked:
+            first += f", {len(blocked)} waiting on " + ("earlier stages" if self.dry_run else "a failed run")
         self.say(first)
         if self.dry_run:
             for job in ready:
                 self.say(f"  would run: advpt {' '.join(job.argv())}")
             return
+        for job in ready:
+            if is_finished(job.directory, job.command):  # finished before the run it starts from: stale
+                stale = job.directory.with_name(
+                    f"{job.directory.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+                )
+                job.directory.rename(stale)
+                self.say(f"{name} {job.name}: older than the run it starts from; moved to {shown(stale)}")
         if self.launcher and ready:
             self._sweep(name, ready)
             done += sum(j.finished for j in ready)
@@ -347,8 +366,14 @@ class Runner:
             subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
 
     def interrupt(self, signum: int) -> None:
-        if self._child is not None and self._child.poll() is None:
-            self._child.send_signal(signum)
+        """Pass the signal on to the running job and give it time to save its ``last.ckpt``."""
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+            try:
+                child.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 def _as_yaml(job: Job) -> str:

@@ -1,0 +1,277 @@
+"""`advpt report` on synthetic run folders: a known grid gives known curves, intervals and tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from advpt.report import aggregate as agg
+from advpt.report import build_report, paper_values, table1_markdown
+from advpt.report.collect import collect, radius_label, radius_value
+
+
+def make_chain(
+    root: Path,
+    name: str,
+    method: str,
+    attack: str,
+    eps: float | str,
+    sets: dict[str, tuple[float, int]],
+    layer_decay: float = 0.85,
+    seed: int = 0,
+    optim: str = "adamw_lld",
+    data: str = "builtin",
+    robust: dict[str, dict[str, tuple[float, int]]] | None = None,
+) -> Path:
+    """pretrain/<name>, finetune/<name>-..., evaluate/<name>-... as the commands write them."""
+    if method == "scratch":
+        pretrained = "none"
+    else:
+        pre = root / "pretrain" / name
+        pre.mkdir(parents=True, exist_ok=True)
+        config = {
+            "method": {"name": method},
+            "attack": {"name": attack, "default_eps": 0.5},
+            "eps": eps,
+            "seed": seed,
+        }
+        (pre / "config.yaml").write_text(yaml.safe_dump(config))
+        (pre / "encoder.safetensors").write_bytes(b"")
+        pretrained = str(pre / "encoder.safetensors")
+    tag = f"{name}-{data}-{optim}-ld{layer_decay}-s{seed}"
+    ft = root / "finetune" / tag
+    ft.mkdir(parents=True)
+    spec = {
+        "pretrained": pretrained,
+        "layer_decay": layer_decay,
+        "optim": {"name": optim},
+        "data": {"name": data},
+    }
+    (ft / "model.json").write_text(json.dumps(spec))
+    (ft / "config.yaml").write_text(yaml.safe_dump({"seed": seed}))
+    ev = root / "evaluate" / tag
+    ev.mkdir(parents=True)
+    results = {
+        "checkpoint": str(ft / "model.safetensors"),
+        "suite": "auto",
+        "sets": {k: {"top1": p, "images": n} for k, (p, n) in sets.items()},
+        "robust": {
+            norm: {r: {"accuracy": a, "images": n, "eps": radius_value(r)} for r, (a, n) in by.items()}
+            for norm, by in (robust or {}).items()
+        },
+    }
+    # a corruption's own entry (per-severity detail) is not a headline set
+    results["sets"]["corruptions/fog"] = {"top1": 0.1, "images": 10, "group": "corruptions", "severities": {}}
+    (ev / "results.json").write_text(json.dumps(results))
+    return ev
+
+
+def test_wilson_interval_matches_the_closed_form() -> None:
+    from scipy.stats import binomtest
+
+    for k, n in ((32, 64), (7, 64), (355, 360)):
+        ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert agg.wilson(k / n, n) == pytest.approx((ref.low, ref.high), abs=2e-4)  # z = 1.96 vs 1.95996
+    lo, hi = agg.wilson(1.0, 360)
+    assert hi == 1.0 and lo == pytest.approx(360 / (360 + 1.96**2), abs=1e-9)
+
+
+def test_seeds_average_and_their_spread_widens_the_interval() -> None:
+    one = agg.accuracy([(0.8, 1000)])
+    two = agg.accuracy([(0.8, 1000), (0.9, 1000)])
+    assert two.mean == pytest.approx(0.85) and two.seeds == 2
+    sampling = (0.8 * 0.2 / 1000 + 0.9 * 0.1 / 1000) / 4
+    spread = 0.005 / 2  # sample variance of (0.8, 0.9), over 2 seeds
+    assert two.half == pytest.approx(1.96 * math.sqrt(sampling + spread))
+    assert two.half > one.half
+
+
+def test_known_grid_gives_known_fig1_curves_and_best_radii(tmp_path: Path) -> None:
+    n = 400
+    make_chain(
+        tmp_path, "scratch", "scratch", "none", 0, {"builtin": (0.80, n), "corruptions": (0.60, n)}, 1.0
+    )
+    grid = {  # (attack, eps) -> average over the two sets, per layer decay
+        ("none", 0): {0.65: 0.70, 0.85: 0.72},
+        ("linf", "2/255"): {0.65: 0.78, 0.85: 0.75},
+        ("linf", "8/255"): {0.65: 0.74, 0.85: 0.73},
+        ("l2", 0.5): {0.65: 0.76, 0.85: 0.77},
+        ("l2", 2.0): {0.65: 0.71, 0.85: 0.70},
+    }
+    for (attack, eps), by_decay in grid.items():
+        for decay, avg in by_decay.items():
+            name = f"mae-{attack}-{eps}".replace("/", "_")
+            make_chain(
+                tmp_path,
+                name,
+                "mae",
+                attack,
+                eps,
+                {"builtin": (avg + 0.1, n), "corruptions": (avg - 0.1, n)},
+                decay,
+            )
+    rows = collect([tmp_path])
+    assert len(rows) == 11 and all("corruptions/fog" not in r["sets"] for r in rows)
+    main, data = agg.headline_rows(rows)
+    assert data == "builtin"
+    table, base = agg.fig1(main)
+    assert base.mean == pytest.approx(0.70)
+    got = {(r["attack"], r["radius"]): (r["layer_decay"], r["minus_scratch"].mean) for r in table}
+    assert got == {
+        ("none", "-"): (0.85, pytest.approx(0.02)),
+        ("linf", "2/255"): (0.65, pytest.approx(0.08)),
+        ("linf", "8/255"): (0.65, pytest.approx(0.04)),
+        ("l2", "0.5"): (0.85, pytest.approx(0.07)),
+        ("l2", "2"): (0.65, pytest.approx(0.01)),
+    }
+    # the interval of a difference adds both arms' variances: two sets of 400 images each
+    var = lambda p, q: (p * (1 - p) / n + q * (1 - q) / n) / 4  # noqa: E731
+    gain = next(r["minus_scratch"] for r in table if r["radius"] == "2/255")
+    assert gain.half == pytest.approx(1.96 * math.sqrt(var(0.88, 0.68) + var(0.80, 0.60)))
+    best = agg.best_by_arm(rows)
+    assert {k: radius_value(v) for k, v in best.items()} == {
+        ("mae", "none"): 0.0,
+        ("mae", "linf"): pytest.approx(2 / 255),
+        ("mae", "l2"): 0.5,
+    }
+    # Fig. 2 columns: the scratch model, then the best radius per attack
+    columns = agg.fig2(main)
+    assert [(c["method"], c["attack"], c["radius"]) for c in columns] == [
+        ("scratch", "none", "-"),
+        ("mae", "none", "-"),
+        ("mae", "linf", "2/255"),
+        ("mae", "l2", "0.5"),
+    ]
+    assert columns[2]["sets"]["builtin"].mean == pytest.approx(0.88)
+
+
+def test_report_writes_every_figure_table_and_csv(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    n = 200
+    make_chain(runs, "scratch", "scratch", "none", 0, {"builtin": (0.9, n), "corruptions": (0.7, n)}, 1.0)
+    robust = lambda a: {"l2": {"0.25": (a, 64), "0.5": (a / 2, 64)}}  # noqa: E731
+    for method in ("mae", "byol"):
+        for attack, eps in (("none", 0), ("l2", 0.5)):
+            for decay, acc in ((0.65, 0.6), (0.85, 0.4)):
+                make_chain(
+                    runs,
+                    f"{method}-{attack}",
+                    method,
+                    attack,
+                    eps,
+                    {"builtin": (0.92, n), "corruptions": (0.75, n)},
+                    decay,
+                    robust=robust(acc),
+                )
+            make_chain(
+                runs,
+                f"{method}-{attack}",
+                method,
+                attack,
+                eps,
+                {"builtin": (0.9, n)},
+                1.0,
+                optim="sgd_transfer",
+            )
+            make_chain(
+                runs,
+                f"{method}-{attack}",
+                method,
+                attack,
+                eps,
+                {"cifar10": (0.95, 500)},
+                0.85,
+                data="cifar10",
+            )
+    out = tmp_path / "report"
+    written = {p.name for p in build_report([runs], out, note=lambda _m: None)}
+    assert {
+        "fig1_eps.png",
+        "fig2_variants.png",
+        "fig3_layer_decay.png",
+        "fig5_robust_vs_decay.png",
+        "table1_transfer.md",
+        "table1_transfer.csv",
+        "summary.md",
+        "fig1_eps.csv",
+        "fig5_robust_vs_decay.csv",
+    } <= written
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig5 = list(csv.DictReader((out / "fig5_robust_vs_decay.csv").read_text().splitlines()))
+    curve = {(r["method"], r["layer_decay"], r["eval_radius"]): float(r["robust"]) for r in fig5}
+    assert curve[("mae", "0.65", "0.25")] == pytest.approx(0.6) and curve[
+        ("byol", "0.85", "0.5")
+    ] == pytest.approx(0.2)
+    table = (out / "table1_transfer.md").read_text()
+    assert "[paper 98.03]" in table  # MAE nominal, AdamW, CIFAR-10: the paper's value beside ours
+    assert "[paper 98.00]" in table  # MAE l2, SGD
+    summary = (out / "summary.md").read_text()
+    assert "Best radius per method and attack" in summary and "± " in summary
+
+
+def test_missing_pieces_are_skipped_with_a_note_never_a_crash(tmp_path: Path) -> None:
+    notes: list[str] = []
+    written = build_report([tmp_path / "nothing-here", tmp_path], tmp_path / "r", note=notes.append)
+    assert [p.name for p in written] == ["summary.md"]
+    assert any("does not exist" in n for n in notes) and any("no evaluation runs" in n for n in notes)
+    # an evaluation whose fine-tuned model is gone, and one without a scratch baseline or layer decays
+    orphan = tmp_path / "runs" / "evaluate" / "x"
+    orphan.mkdir(parents=True)
+    (orphan / "results.json").write_text(json.dumps({"checkpoint": "/gone/model.safetensors", "sets": {}}))
+    make_chain(
+        tmp_path / "runs", "mae-l2", "mae", "l2", 0.5, {"builtin": (0.9, 100), "corruptions": (0.5, 100)}
+    )
+    notes.clear()
+    written = {p.name for p in build_report([tmp_path / "runs"], tmp_path / "r2", note=notes.append)}
+    assert "fig1_eps.png" in written and "fig3_layer_decay.png" not in written
+    assert any("no model.json" in n for n in notes)
+    assert any("no from-scratch model" in n for n in notes) and any(n.startswith("fig3:") for n in notes)
+    assert "## Notes" in (tmp_path / "r2" / "summary.md").read_text()
+
+
+def test_paper_table1_averages_are_the_means_of_its_datasets() -> None:
+    table = paper_values()["table1"]
+    sets = ("cifar10", "cifar100", "sun397", "resisc45", "dmlab")
+    for method, by_attack in table["average"].items():
+        for attack, by_optim in by_attack.items():
+            for optim, stated in by_optim.items():
+                assert sum(table[d][method][attack][optim] for d in sets) / 5 == pytest.approx(
+                    stated, abs=0.011
+                )
+
+
+def test_table1_markdown_lays_out_datasets_by_arms_with_the_average() -> None:
+    est = lambda p: agg.accuracy([(p, 1000)])  # noqa: E731
+    cells = [
+        {
+            "data": d,
+            "method": "mae",
+            "attack": a,
+            "radius": r,
+            "optim": "adamw_lld",
+            "layer_decay": 0.65,
+            "top1": est(p),
+        }
+        for d, a, r, p in (
+            ("cifar10", "none", "-", 0.9),
+            ("cifar10", "l2", "0.5", 0.92),
+            ("cifar100", "none", "-", 0.7),
+            ("cifar100", "l2", "0.5", 0.74),
+        )
+    ]
+    text = table1_markdown(cells, None)
+    lines = text.splitlines()
+    assert lines[0] == "| dataset | optimiser | MAE nominal | MAE l2 0.5 |"
+    average = next(line for line in lines if line.startswith("| average"))
+    assert "80.00" in average and "83.00" in average
+
+
+def test_radius_labels_follow_the_paper() -> None:
+    assert radius_label("linf", 4 / 255) == "4/255" and radius_label("linf", "2/255") == "2/255"
+    assert radius_label("l2", 2.0) == "2" and radius_label("none", 0) == "-"

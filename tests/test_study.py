@@ -1,0 +1,177 @@
+"""`advpt study`: the plan of a grid, skipping what is finished, redoing what is stale, resuming."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from advpt.config import CONF_DIR
+from advpt.study import Runner, evaluate_job, finetune_jobs, pretrain_jobs, run_study
+from tests.conftest import run_cli
+
+# One arm per attack, one layer decay, a scratch baseline, no transfer: the smallest real grid.
+SMALL = [
+    "experiment=smoke",
+    "experiment.pretrain.methods=[mae]",
+    "experiment.finetune.layer_decays=[0.65]",
+    "experiment.transfer.datasets=[]",
+]
+
+
+def study_config(*overrides: str):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="study"):
+        return compose("study", overrides=list(overrides))
+
+
+def test_smoke_plan_names_every_run_by_what_it_computes(tmp_path: Path) -> None:
+    cfg = study_config("experiment=smoke", "seeds=2")
+    pre = pretrain_jobs(cfg, tmp_path)
+    assert [j.name for j in pre[:4]] == ["mae-none-s0", "mae-l2-0.5-s0", "rotnet-none-s0", "rotnet-l2-0.5-s0"]
+    assert len(pre) == 8 and pre[4].name == "mae-none-s1"
+    assert pre[1].overrides[:4] == ["method=mae", "attack=l2", "eps=0.5", "seed=0"]
+    assert "model=vit_micro" in pre[1].overrides and pre[1].argv()[-2:] == [
+        "resume=auto",
+        f"hydra.run.dir={pre[1].directory}",
+    ]
+    ft = finetune_jobs(cfg, tmp_path, pre)
+    assert len(ft) == 8 * 2 + 2  # two layer decays per pre-trained model, a scratch model per seed
+    assert ft[0].name == "mae-none-s0-builtin-adamw_lld-ld0.65" and ft[0].needs is pre[0]
+    assert f"pretrained={pre[0].directory}" in ft[0].overrides and "layer_decay=0.65" in ft[0].overrides
+    scratch = ft[-1]
+    assert scratch.name == "scratch-s1-builtin-adamw_lld-ld1.0" and "pretrained=none" in scratch.overrides
+    assert scratch.labels["method"] == "scratch" and "seed=1" in scratch.overrides
+
+
+def _touch(path: Path, when: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{}")
+    os.utime(path, (when, when))
+
+
+def _finish_everything(cfg, root: Path) -> list:
+    """Write every planned run's product, each newer than the one it starts from."""
+    pre = pretrain_jobs(cfg, root)
+    ft = finetune_jobs(cfg, root, pre)
+    ev = [evaluate_job(cfg, root, j, []) for j in ft]
+    now = time.time() - 1000
+    for offset, jobs in enumerate((pre, ft, ev)):
+        for job in jobs:
+            _touch(job.product, now + 100 * offset)
+    return ev
+
+
+def test_a_finished_study_starts_no_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    cfg = study_config(*SMALL, "report=false")
+    _finish_everything(cfg, tmp_path)
+    monkeypatch.setattr(Runner, "_run", lambda self, job: pytest.fail(f"started {job.name}"))
+    assert run_study(cfg, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "pretrain 2/2 done" in out and "finetune 3/3 done" in out and "evaluate 3/3 done" in out
+
+
+def test_a_model_trained_again_is_evaluated_again(tmp_path: Path, monkeypatch, capsys) -> None:
+    cfg = study_config(*SMALL, "report=false")
+    ev = _finish_everything(cfg, tmp_path)
+    retrained = ev[1].needs
+    _touch(retrained.product, time.time())  # the fine-tuned model is now newer than its evaluation
+    ran: list[str] = []
+
+    def fake_run(self, job) -> int:
+        ran.append(job.name)
+        _touch(job.product, time.time())
+        return 0
+
+    monkeypatch.setattr(Runner, "_run", fake_run)
+    assert run_study(cfg, tmp_path) == 0
+    assert ran == [ev[1].name]
+    moved = [p.name for p in (tmp_path / "evaluate").iterdir() if ".stale-" in p.name]
+    assert len(moved) == 1 and moved[0].startswith(ev[1].name)  # the old result is kept aside, not deleted
+    assert "evaluate 2/3 done, 1 to run" in capsys.readouterr().out
+
+
+def test_a_failed_run_blocks_only_what_depends_on_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    cfg = study_config(*SMALL, "report=false")
+
+    def fake_run(self, job) -> int:
+        if job.name == "mae-l2-0.5-s0":
+            return 1
+        _touch(job.product, time.time())
+        return 0
+
+    monkeypatch.setattr(Runner, "_run", fake_run)
+    assert run_study(cfg, tmp_path) == 1
+    out = capsys.readouterr().out
+    assert "pretrain mae-l2-0.5-s0 failed (exit 1" in out
+    assert "finetune 0/3 done, 2 to run, 1 waiting on a failed run" in out
+    assert "1 runs failed" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["experiment.pretrain.methods=[simclr]"], "unknown method 'simclr'"),
+        (["seeds=0"], "seeds=0 is invalid"),
+        (["experiment=paper_fig1"], "pass data_root=PATH"),
+        (["experiment=nope"], "unknown experiment option 'nope'"),
+    ],
+)
+def test_bad_studies_are_one_line_and_write_nothing(tmp_path: Path, capsys, args, message) -> None:
+    out = tmp_path / "study"
+    assert run_cli(["study", *args, f"hydra.run.dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def _study(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "advpt.cli", "study", *SMALL, f"hydra.run.dir={out}", *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    return done, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_study_runs_reports_and_a_rerun_only_does_what_is_left(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    first, took = _study(out)
+    assert first.returncode == 0, first.stdout + first.stderr
+    for name in ("fig1_eps.png", "fig2_variants.png", "table1_transfer.md", "summary.md"):
+        assert (out / "report" / name).is_file(), name
+    assert "fig1: no from-scratch" not in first.stdout  # the scratch baseline ran
+    again, took_again = _study(out)
+    assert again.returncode == 0 and "to run" not in again.stdout
+    assert took_again < took / 4
+    # a fine-tuning run that stopped half-way: its product gone, its last.ckpt kept
+    half = out / "finetune" / "mae-l2-0.5-s0-builtin-adamw_lld-ld0.65"
+    (half / "model.safetensors").unlink()
+    third, _ = _study(out)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "finetune 2/3 done, 1 to run" in third.stdout and "evaluate 2/3 done, 1 to run" in third.stdout
+    assert "pretrain 2/2 done" in third.stdout and "pretrain 2/2 done," not in third.stdout
+    log = (out / "logs" / "finetune" / f"{half.name}.log").read_text()
+    assert "resume=auto" in log.splitlines()[-1] or "resume=auto" in log
+    assert (half / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_study_through_a_hydra_launcher_fills_the_same_folders(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    done, _ = _study(out, "experiment.scratch.enabled=false", "launcher=basic")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for folder in ("pretrain/mae-none-s0", "pretrain/mae-l2-0.5-s0"):
+        assert (out / folder / "encoder.safetensors").is_file()
+    assert (out / "evaluate" / "mae-l2-0.5-s0-builtin-adamw_lld-ld0.65" / "results.json").is_file()
+    again, _ = _study(out, "experiment.scratch.enabled=false", "launcher=basic")
+    assert "to run" not in again.stdout
