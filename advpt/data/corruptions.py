@@ -445,6 +445,9 @@ class CorruptedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         if index < 0:
             index += len(self)  # negative indices must map to the same noise as their positive twin
-        image, label = self.base[index]
+        item = self.base[index]
+        if item is None:  # an unreadable image: the evaluation loader drops it
+            return None  # type: ignore[return-value]
+        image, label = item
         generator = torch.Generator().manual_seed(self.seed + index)
         return corrupt(image, self.name, self.severity, generator), label

@@ -256,6 +256,7 @@ class ShardSplit(Dataset):
         for shard, path in enumerate(self.paths):
             self._index(shard, path)
         self._files: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def _index(self, shard: int, path: str) -> None:
         samples: dict[str, dict[str, tuple[int, int]]] = {}
@@ -289,18 +290,21 @@ class ShardSplit(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
         shard, offset, size = self.items[i]
+        if self._pid != os.getpid():  # a forked loader process must not share its parent's file offsets
+            self._files, self._pid = {}, os.getpid()
         f = self._files.get(shard)
         if f is None:  # one open file per shard and process
             f = self._files[shard] = open(self.paths[shard], "rb")  # noqa: SIM115
         f.seek(offset)
+        data = f.read(size)
         try:
-            return decode_image(f.read(size)), self.targets[i]
+            return decode_image(data), self.targets[i]
         except Exception:  # undecodable: skipped by the loader
             return None, self.targets[i]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_files"] = {}  # loader processes open their own
+        state["_files"], state["_pid"] = {}, None  # loader processes open their own
         return state
 
 

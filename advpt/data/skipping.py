@@ -42,18 +42,29 @@ class SkipCounter:
         return int(self.counts.sum())
 
 
-def unreadable(obj: Any) -> int:
-    """Items skipped so far by a dataset (or loader) and everything it wraps."""
+def _chain(obj: Any) -> Iterator[Any]:
+    """``obj`` and what it wraps (a loader's ``dataset``, a subset's ``dataset``, a transform's ``base``)."""
     seen: set[int] = set()
-    total = 0
     while obj is not None and id(obj) not in seen:
         seen.add(id(obj))
-        counter = getattr(obj, "skipped", None)
+        yield obj
+        inner = getattr(obj, "dataset", None)
+        obj = inner if inner is not None else getattr(obj, "base", None)
+
+
+def unreadable(obj: Any) -> int:
+    """Items skipped so far by a dataset (or loader) and everything it wraps."""
+    total = 0
+    for item in _chain(obj):
+        counter = getattr(item, "skipped", None)
         if isinstance(counter, SkipCounter):
             total += counter.total()
-        total += int(getattr(obj, "incomplete", 0) or 0)
-        obj = getattr(obj, "dataset", None) or getattr(obj, "base", None)
-    return total
+    return total + incomplete(obj)
+
+
+def incomplete(obj: Any) -> int:
+    """Samples a dataset (or what it wraps) left out when it was opened: incomplete in their shard."""
+    return sum(int(getattr(item, "incomplete", 0) or 0) for item in _chain(obj))
 
 
 def open_rgb(path: str) -> Any:

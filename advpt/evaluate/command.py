@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from advpt.config import check_arguments
+from advpt.data.skipping import eval_loader, incomplete, unreadable
 from advpt.data.variants import EvalSet
 from advpt.errors import UserError
 from advpt.evaluate.checkpoint import image_size, load_classifier, read_spec, resolve_checkpoint
@@ -141,13 +142,8 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
         )
 
     def loader(dataset: Dataset) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=int(cfg.batch_size),
-            shuffle=False,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-        )
+        # every readable image once, in order; unreadable ones are dropped and counted
+        return eval_loader(dataset, int(cfg.batch_size), workers, pin_memory=device.type == "cuda")
 
     def cap(s: EvalSet) -> int | None:
         """``max_images``, and for the 75 generated corruption subsets also ``subset_max_images``."""
@@ -158,12 +154,19 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
         return min(given) if given else None
 
     scores: dict[str, Score] = {}
+    skipped: dict[str, int] = {}  # unreadable or incomplete samples per group of sets
     for s in tqdm(sets, desc="evaluate", unit="set", disable=None, file=sys.stderr):
+        # reads of unreadable images; samples a shard holds incompletely once, with the first set
+        before = unreadable(s.dataset) - (incomplete(s.dataset) if s is sets[0] else 0)
         score = clean_score(model, s, loader(capped(s.dataset, cap(s), seed)), dtype)
+        skipped[s.group] = skipped.get(s.group, 0) + unreadable(s.dataset) - before
         if score.images == 0:
             note(f"{s.name}: skipped, no image with a label to score")
             continue
         scores[s.name] = score
+    for group, n in skipped.items():
+        if n:
+            note(f"{group}: {n} unreadable or incomplete image{'s' if n != 1 else ''} skipped")
     table, average = summarise(sets, scores, expected)
 
     robust: dict[str, dict[str, Any]] = {}

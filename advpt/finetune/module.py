@@ -69,7 +69,13 @@ class FinetuneData(ResumableData):
 
         if self.val_source is None:
             return []  # no test split: no val/top1
-        return self._loader(Transformed(self.val_source, eval_transform(self.image_size)), shuffle=False)
+        from advpt.data.skipping import eval_loader
+
+        # Each rank scores its share, every image once (val/top1 is synced); unreadable images dropped.
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        dataset = Transformed(self.val_source, eval_transform(self.image_size))
+        workers = int(self.cfg.get("num_workers", 0))
+        return eval_loader(dataset, int(self.cfg["batch_size"]), workers, rank=rank, world=world)
 
 
 class FineTuner(L.LightningModule):
@@ -145,7 +151,8 @@ class FineTuner(L.LightningModule):
         images, labels = batch
         logits = self(images)
         self.val_top1(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits.float(), labels), batch_size=images.shape[0])
+        loss = F.cross_entropy(logits.float(), labels)
+        self.log("val/loss", loss, batch_size=images.shape[0], sync_dist=self.trainer.world_size > 1)
         self.log("val/top1", self.val_top1, prog_bar=True, batch_size=images.shape[0])
 
     def on_validation_epoch_end(self) -> None:
