@@ -453,7 +453,7 @@ class ShardStream(IterableDataset):
                 return None
             failures[0] = 0
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix(seed, next(counter)))
+                torch.default_generator.manual_seed(_mix(seed, next(counter)))  # CPU only: cheap
                 return self.transform(image), label
 
         pipeline = wds.DataPipeline(
