@@ -1,7 +1,7 @@
 """Images/s per loader process: an ImageFolder tree vs the same images as webdataset shards, in one run.
 
     python benchmarks/loader.py                       # 300 generated JPEGs, MAE's augmentation at 224 px
-    python benchmarks/loader.py --images 600 --size 112 --views byol
+    python benchmarks/loader.py --size 32             # the CPU recipe's size: JPEGs decoded at 1/8 scale
     python benchmarks/loader.py --workers 2           # also the loaders with 2 processes (images/s in all)
 
 A set of JPEGs of ImageNet's typical sizes (500x375, 375x500, 500x333, 500x500, a few larger; quality
@@ -13,8 +13,8 @@ resized crop to ``--size``, flip (and BYOL's colour operations with ``--views by
 
 * imagefolder: ``ImageFolder`` + ``EpochSampler``: a file opened and decoded by Pillow per image.
 * shards: the ``data=shards`` stream: tar shards read sequentially through a shuffle buffer, JPEGs
-  decoded by ``torchvision.io.decode_jpeg`` (or by Pillow at 1/2 - 1/8 scale with ``draft()`` while
-  the short side stays >= the output size, ``decode_min_side``).
+  decoded by ``torchvision.io.decode_jpeg``, or by Pillow at 1/4 or 1/8 scale (``draft()``) while the
+  short side stays >= the output size (``decode_min_side``; at 224 px only images of 896+ px are).
 * shards, full-size decode: the same stream with ``decode_min_side=0`` (always full-size decoding).
 
 One loader process is one core: torch runs on one thread, the loaders in this process
@@ -143,11 +143,11 @@ def main() -> None:
             for key, dl in loaders.items():
                 rates[key].append(rate(dl, now))
         base = {w: statistics.median(rates[("imagefolder", w)]) for w in {w for _, w in settings}}
-        print(f"{'loader':<28}{'processes':>10}{'images/s':>10}{'per process':>13}{'vs imagefolder':>16}")
+        print(f"{'loader':<34}{'processes':>10}{'images/s':>10}{'per process':>13}{'vs imagefolder':>16}")
         for (name, w), values in rates.items():
             median = statistics.median(values)
             per = median / max(w, 1)
-            print(f"{name:<28}{max(w, 1):>10}{median:>10.0f}{per:>13.0f}{median / base[w]:>15.2f}x")
+            print(f"{name:<34}{max(w, 1):>10}{median:>10.0f}{per:>13.0f}{median / base[w]:>15.2f}x")
 
 
 if __name__ == "__main__":

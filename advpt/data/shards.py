@@ -45,15 +45,17 @@ PARTIAL = ".partial"  # a shard being written; renamed to its name once complete
 DEFAULT_SHARD_SIZE = 1000
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
 WRITE_SEED = 0  # the training split's order in the shards
+DRAFT_MIN_FACTOR = 4  # reduced-size JPEG decoding from 1/4 scale on (benchmarks/loader.py)
 
 
 # -------------------------------------------------------------------------------------- decoding
 def decode_image(data: bytes, min_side: int | None = None) -> torch.Tensor:
     """Image bytes as a uint8 tensor ``[3, H, W]``.
 
-    JPEG: Pillow with ``draft()``, which decodes at 1/2, 1/4 or 1/8 scale in the DCT domain (several
-    times less work) whenever the reduced image keeps its short side ``>= min_side``; otherwise
-    ``torchvision.io.decode_jpeg`` (libjpeg-turbo straight into a tensor). PNG and WebP:
+    JPEG: ``torchvision.io.decode_jpeg`` (libjpeg-turbo straight into a tensor), or Pillow with
+    ``draft()``, which decodes at 1/4 or 1/8 scale in the DCT domain, when the reduced image keeps its
+    short side ``>= min_side`` (at 1/2 scale Pillow is no faster than decode_jpeg at full size: the
+    entropy decoding, which scaling does not shorten, dominates). PNG and WebP:
     ``torchvision.io.decode_image``; anything else Pillow can read, via Pillow.
     """
     import numpy as np
@@ -67,9 +69,9 @@ def decode_image(data: bytes, min_side: int | None = None) -> torch.Tensor:
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             factor = 8
-            while factor > 1 and min(width, height) // factor < min_side:
+            while factor >= DRAFT_MIN_FACTOR and min(width, height) // factor < min_side:
                 factor //= 2
-            if factor > 1:
+            if factor >= DRAFT_MIN_FACTOR:
                 image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
                 return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
         try:
@@ -667,7 +669,7 @@ def write_shards(
                 post=lambda name: os.replace(name + PARTIAL, name),  # a finished shard, atomically
                 verbose=0,
                 encoder=False,
-                mtime=0.0,
+                mtime=0,  # an int: a float mtime makes tarfile add a PAX header to every member
             ) as writer:
                 for j, k in enumerate(run):
                     if j:
