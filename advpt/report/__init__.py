@@ -152,7 +152,8 @@ def build_report(
         "",
     ]
     md.append(
-        "Top-1 in percent, ± the 95 % interval's half-width (Wilson for one accuracy of one seed; otherwise a "
+        "Top-1 in percent with its 95 % interval: `m [lo, hi]` (Wilson, for one accuracy of one seed) or "
+        "`m ± half-width` (otherwise: a "
         "normal interval adding test-set sampling and, with several seeds, the spread between seeds; "
         "`n` = images behind each number). Gaps smaller than both intervals are not evidence of a difference."
     )

@@ -46,7 +46,11 @@ class Estimate:
         return (self.hi - self.lo) / 2
 
     def pct(self) -> str:
-        return f"{100 * self.mean:.2f} ± {100 * self.half:.2f}"
+        """In percent: ``m ± h`` for a symmetric interval, ``m [lo, hi]`` for an asymmetric (Wilson) one."""
+        below, above = self.mean - self.lo, self.hi - self.mean
+        if abs(below - above) < 5e-4:
+            return f"{100 * self.mean:.2f} ± {100 * self.half:.2f}"
+        return f"{100 * self.mean:.2f} [{100 * self.lo:.1f}, {100 * self.hi:.1f}]"
 
 
 def wilson(p: float, n: int) -> tuple[float, float]:

@@ -28,23 +28,41 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _bars(estimates: Sequence[Estimate]) -> list[list[float]]:
+    """Error bars from each interval (asymmetric where it is: Wilson near 0 or 100 %), in points."""
+    return [[100 * (e.mean - e.lo) for e in estimates], [100 * (e.hi - e.mean) for e in estimates]]
+
+
+def _dodge(i: int, k: int, span: float) -> float:
+    """A small horizontal shift of curve ``i`` of ``k``, so that equal points stay visible."""
+    return (i - (k - 1) / 2) * 0.012 * span
+
+
 def fig1(table: Sequence[Mapping[str, Any]], base: Estimate | None, path: Path) -> Path:
     """Two panels (l_inf, l2) with aligned y-axes: average accuracy minus the scratch model's against the
     radius, one line per method; the nominal model sits at radius 0 of both."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     value = "minus_scratch" if base is not None else "average"
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in table)]
     for ax, attack in zip(axes, ("linf", "l2"), strict=True):
-        for method in [m for m in METHOD_ORDER if any(r["method"] == m for r in table)]:
+        scale = 255 if attack == "linf" else 1
+        span = max([r["eps_value"] * scale for r in table if r["attack"] == attack] or [1.0])
+        for i, method in enumerate(methods):
             points = [r for r in table if r["method"] == method and r["attack"] in ("none", attack)]
             points.sort(key=lambda r: r["eps_value"])
             if not points:
                 continue
-            xs = [r["eps_value"] * (255 if attack == "linf" else 1) for r in points]
+            xs = [r["eps_value"] * scale + _dodge(i, len(methods), span) for r in points]
             ys = [100 * r[value].mean for r in points]
-            err = [100 * r[value].half for r in points]
             ax.errorbar(
-                xs, ys, yerr=err, marker="o", capsize=3, label=METHOD_LABEL[method], color=COLOURS.get(method)
+                xs,
+                ys,
+                yerr=_bars([r[value] for r in points]),
+                marker="o",
+                capsize=3,
+                label=METHOD_LABEL[method],
+                color=COLOURS.get(method),
             )
         if base is not None:
             ax.axhline(0, color="grey", lw=0.8, ls="--")
@@ -120,7 +138,9 @@ def fig3(entries: Sequence[Mapping[str, Any]], path: Path) -> Path:
         title = f"{METHOD_LABEL.get(model[0], model[0])} {ATTACK_LABEL.get(model[1], model[1])} {model[2]}"
         _heatmap(ax, [*sets, "average"], [f"γ={e['layer_decay']:g}" for e in group], cells, title)
     fig.suptitle(
-        "Fig. 3: layer-wise lr decay γ (top-1 %, 95 % interval; colours per row and panel)", fontsize=10
+        "Fig. 3: layer-wise lr decay γ (top-1 %, 95 % interval; colours per row and panel)",
+        fontsize=10,
+        y=1.04,
     )
     return _save(fig, path)
 
@@ -131,12 +151,14 @@ def fig5(points: Sequence[Mapping[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.5), squeeze=False, sharey=True)
     for ax, model in zip(axes[0], models, strict=True):
         mine = [p for p in points if (p["method"], p["attack"], p["radius"]) == model]
-        for decay in sorted({p["layer_decay"] for p in mine}):
+        decays = sorted({p["layer_decay"] for p in mine})
+        span = max(p["eval_eps"] for p in mine) or 1.0
+        for i, decay in enumerate(decays):
             curve = sorted((p for p in mine if p["layer_decay"] == decay), key=lambda p: p["eval_eps"])
             ax.errorbar(
-                [p["eval_eps"] for p in curve],
+                [p["eval_eps"] + _dodge(i, len(decays), span) for p in curve],
                 [100 * p["robust"].mean for p in curve],
-                yerr=[100 * p["robust"].half for p in curve],
+                yerr=_bars([p["robust"] for p in curve]),
                 marker="o",
                 capsize=3,
                 label=f"γ={decay:g}",
@@ -150,6 +172,8 @@ def fig5(points: Sequence[Mapping[str, Any]], path: Path) -> Path:
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("robust top-1 %")
     fig.suptitle(
-        "Fig. 5: robust accuracy after fine-tuning with each layer decay (bars: 95 % intervals)", fontsize=10
+        "Fig. 5: robust accuracy after fine-tuning with each layer decay (bars: 95 % intervals)",
+        fontsize=10,
+        y=1.03,
     )
     return _save(fig, path)
