@@ -298,6 +298,22 @@ def test_shard_urls_as_a_brace_pattern(written: Path) -> None:
     assert len(val) == 360  # the evaluation shards named in the info.json beside them
 
 
+def test_shards_read_through_urls(written: Path, tmp_path: Path) -> None:
+    """Remote shards as webdataset opens them (``pipe:``, like ``https://`` or ``pipe:aws s3 cp ...``)."""
+    data = shard_data(None, epoch_samples=64, cache=str(tmp_path / "cache"))
+    data["root"] = f"pipe:cat {written}/train-{{000000..000002}}.tar"
+    check_source(data)
+    source = build_source(data, train=True)
+    assert source.urls[0] == f"pipe:cat {written}/train-000000.tar" and source.num_classes == 10
+    assert [len(labels) for _, labels in stream_loader(source, identity, 16, seed=0, num_workers=0)] == [
+        16
+    ] * 4
+    val = build_source(data, train=False)  # indexed: copied into the cache first
+    assert len(val) == 360 and [
+        p.name.endswith("val-000000.tar") for p in (tmp_path / "cache").iterdir()
+    ] == [True]
+
+
 # -- the commands, as users run them -------------------------------------------------------------
 def advpt(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -76,7 +76,11 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
             raise UserError(
                 f"model.json's data {data['name']!r} is not a known dataset ({', '.join(SOURCES)})"
             )
-        if data["name"] != "builtin":
+        if data["name"] == "shards":  # a folder, or a list / pattern of shard URLs, local or remote
+            from advpt.data.shards import Located
+
+            Located(data)  # one line when the shards' folder or info.json is not there
+        elif data["name"] != "builtin":
             root = Path(str(data.get("root") or "data")).expanduser()
             downloadable = data["name"] in ("cifar10", "cifar100") and data.get("download")
             if not root.exists() and not downloadable:
