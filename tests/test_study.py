@@ -176,3 +176,47 @@ def test_study_through_a_hydra_launcher_fills_the_same_folders(tmp_path: Path) -
     assert (out / "evaluate" / "mae-l2-0.5-s0-builtin-adamw_lld-ld0.65" / "results.json").is_file()
     config = (out / "pretrain" / "mae-l2-0.5-s0" / "config.yaml").read_text()
     assert "name: l2" in config and "eps: 0.5" in config  # the arm's settings reached the job
+
+
+@pytest.mark.parametrize(
+    ("experiment", "pretrain", "finetune"),
+    [("mini", 20, 41), ("paper_fig1", 48, 49), ("paper_fig3", 3, 13), ("paper_table1", 12, 12)],
+)
+def test_shipped_experiments_plan_the_paper_grids(tmp_path: Path, experiment, pretrain, finetune) -> None:
+    cfg = study_config(f"experiment={experiment}", f"data_root={tmp_path}", f"variants_root={tmp_path}")
+    pre = pretrain_jobs(cfg, tmp_path)
+    assert len(pre) == pretrain and len({j.name for j in pre}) == pretrain
+    assert len(finetune_jobs(cfg, tmp_path, pre)) == finetune
+    if experiment.startswith("paper"):
+        assert all("recipe=paper" in j.overrides and f"data.root={tmp_path}" in j.overrides for j in pre)
+
+
+def test_table1_experiment_uses_the_radii_of_the_papers_caption(tmp_path: Path) -> None:
+    from advpt.report import paper_values
+    from advpt.report.collect import radius_value
+
+    best = paper_values()["best_radius"]
+    cfg = study_config("experiment=paper_table1", f"data_root={tmp_path}", f"variants_root={tmp_path}")
+    arms = {(j.labels["method"], j.labels["attack"]): j.labels["eps"] for j in pretrain_jobs(cfg, tmp_path)}
+    for (method, attack), eps in arms.items():
+        if attack != "none":
+            assert radius_value(eps) == pytest.approx(radius_value(best[attack][method])), (method, attack)
+    assert len(arms) == 12
+
+
+@pytest.mark.parametrize("experiment", ["paper_fig1", "paper_fig3", "paper_table1", "mini"])
+def test_shipped_experiments_runs_are_valid_command_lines(tmp_path: Path, experiment) -> None:
+    """Every pre-training run and the scratch model of each experiment pass the command's own checks."""
+    from advpt.config import validate
+
+    for split in ("train", "val"):
+        (tmp_path / "in" / split / "n01").mkdir(parents=True)
+    cfg = study_config(
+        f"experiment={experiment}", f"data_root={tmp_path / 'in'}", f"variants_root={tmp_path}"
+    )
+    pre = pretrain_jobs(cfg, tmp_path / "s")
+    for job in pre:
+        validate("pretrain", job.overrides, multirun=False)
+    for job in finetune_jobs(cfg, tmp_path / "s", pre):
+        if job.needs is None:
+            validate("finetune", job.overrides, multirun=False)
