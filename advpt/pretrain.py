@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from advpt.config import attack_kwargs, check_pretrain
 from advpt.data.module import PretrainData
-from advpt.data.skipping import SkippedSamples
+from advpt.data.skipped_metric import SkippedSamples
 from advpt.launch import finished_message, processes, resolve_resume
 from advpt.methods import METHODS, PretrainMethod
 from advpt.runs import number, read_record, shown, summary, write_record

@@ -16,6 +16,8 @@ NOISY_WARNINGS = (
     r"Experiment logs directory .* exists and is not empty",
     # The weight EMA copy (supervised / RotNet recipes) is kept in eval mode on purpose.
     r"Found \d+ module\(s\) in eval mode at the start of training",
+    # data=shards: each loader process yields its own share of the epoch's batches (advpt.data.shards).
+    r"Your `IterableDataset` has `__len__` defined",
 )
 # Log lines Lightning prints at INFO: adverts and an internal default of its checkpoint writer.
 NOISY_LOG_LINES = ("💡 Tip:", "`weights_only` was not set")

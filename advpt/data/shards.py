@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
+from webdataset.tariterators import base_plus_ext
 
 from advpt.data.skipping import SkipCounter
 from advpt.errors import UserError
@@ -268,7 +269,9 @@ class ShardSplit(Dataset):
                 for member in tar:
                     if not member.isfile():
                         continue
-                    key, _, ext = member.name.partition(".")
+                    key, ext = base_plus_ext(member.name)  # webdataset's own grouping of files
+                    if key is None:
+                        continue
                     if key not in samples:
                         samples[key] = {}
                         order.append(key)
@@ -706,7 +709,7 @@ def _runs(indices: Sequence[int]) -> list[list[int]]:
 
 def _keys(path: Path) -> set[str]:
     with tarfile.open(path, "r:") as tar:
-        return {m.name.partition(".")[0] for m in tar if m.isfile()}
+        return {base_plus_ext(m.name)[0] for m in tar if m.isfile()}
 
 
 def _replace_text(path: Path, text: str) -> None:

@@ -4,8 +4,8 @@ A source returns ``None`` in place of an image it cannot decode (:func:`open_rgb
 trees, the shard readers of :mod:`advpt.data.shards`). Training replaces such an item by the next
 readable one, so batches keep their size; evaluation drops it (:func:`drop_unreadable`, :class:`EvalLoader`),
 so every readable image is scored once. Each skip is counted in a :class:`SkipCounter` that loader
-processes share with the main process; :class:`SkippedSamples` logs the total as ``data/skipped`` and
-says at the end how many there were.
+processes share with the main process; ``advpt.data.skipped_metric.SkippedSamples`` logs the total
+as ``data/skipped`` and says at the end how many there were.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
@@ -122,47 +120,3 @@ def eval_loader(
         collate_fn=drop_unreadable,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
     )
-
-
-def skipped_total(trainer: L.Trainer) -> int:
-    """Items this process's training and validation loaders have skipped so far."""
-    loaders: list[Any] = [trainer.train_dataloader]
-    val = trainer.val_dataloaders
-    loaders += list(val) if isinstance(val, list | tuple) else [val]
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None:  # the module keeps the loader it built; Lightning may wrap it
-        loaders.append(getattr(datamodule, "_train", None))
-    seen: set[int] = set()
-    total = 0
-    for loader in loaders:
-        dataset = getattr(loader, "dataset", None)
-        if dataset is not None and id(dataset) not in seen:
-            seen.add(id(dataset))
-            total += unreadable(dataset)
-    return total
-
-
-class SkippedSamples(Callback):
-    """Logs ``data/skipped`` (all processes together) and ends the run with one line when it is not 0."""
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        pl_module.log(
-            "data/skipped",
-            float(skipped_total(trainer)),
-            on_step=True,
-            on_epoch=False,
-            reduce_fx="sum",
-            sync_dist=trainer.world_size > 1,
-            batch_size=1,
-        )
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        total = torch.tensor(float(skipped_total(trainer)), device=pl_module.device)
-        if trainer.world_size > 1:
-            total = trainer.strategy.reduce(total, reduce_op="sum")
-        if trainer.is_global_zero and int(total):
-            print(
-                f"advpt: skipped {int(total)} unreadable or incomplete sample{'s' if int(total) != 1 else ''} "
-                "(data/skipped in metrics.csv)",
-                flush=True,
-            )
