@@ -562,12 +562,28 @@ def _file_sample(path: str, max_side: int | None, quality: int | None) -> tuple[
     return ext.get(kind, "jpg" if data[:3] == b"\xff\xd8\xff" else "png"), data
 
 
+def _files_of(dataset: Any) -> list[tuple[str, int]] | None:
+    """``(path, label)`` of every item when the dataset reads image files (ImageFolder's ``samples``,
+    also through a subset's ``indices``), so they can be copied as they are; ``None`` otherwise."""
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list) and all(
+        isinstance(s, tuple) and len(s) == 2 and isinstance(s[0], str) for s in samples[:1]
+    ):
+        return [(str(path), int(label)) for path, label in samples]
+    indices = getattr(dataset, "indices", None)
+    inner = getattr(dataset, "base", None)
+    inner = getattr(dataset, "dataset", None) if inner is None else inner
+    if indices is not None and inner is not None and (files := _files_of(inner)) is not None:
+        return [files[int(i)] for i in indices]
+    return None
+
+
 class _SplitReader:
     """One split of a source as (extension, bytes, label) per index; files are copied, not decoded."""
 
     def __init__(self, dataset: Dataset, max_side: int | None, quality: int | None) -> None:
         self.dataset, self.max_side, self.quality = dataset, max_side, quality
-        self.files: list[tuple[str, int]] | None = getattr(dataset, "samples", None)
+        self.files = _files_of(dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
