@@ -321,6 +321,29 @@ def advpt(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+def test_a_killed_write_is_finished_by_the_same_command(tmp_path: Path) -> None:
+    import time
+
+    args = ["shards", "out=D", "shard_size=40"]  # 36 training and 9 evaluation shards
+    proc = subprocess.Popen(
+        [ADVPT, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "D" / "train-000002.tar").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()  # no chance to clean up
+    proc.wait()
+    assert not (tmp_path / "D" / INFO).exists()
+    done = advpt(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = advpt(["shards", "out=E", "shard_size=40"], tmp_path)  # the same write, never interrupted
+    assert done.returncode == 0, done.stderr[-3000:]
+    written, clean = sorted((tmp_path / "D").iterdir()), sorted((tmp_path / "E").iterdir())
+    assert [p.name for p in written] == [p.name for p in clean] and len(written) == 2 + 36 + 9
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(written, clean, strict=True))
+
+
+@pytest.mark.slow
 def test_pretrain_finetune_evaluate_from_shards_with_a_corrupt_sample(tmp_path: Path) -> None:
     done = advpt(["shards", "out=small", "shard_size=100"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
