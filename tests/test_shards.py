@@ -265,6 +265,32 @@ def test_unreadable_images_in_an_imagefolder_tree_are_skipped_and_counted(tmp_pa
     assert [Path(p).name for p in info["splits"]["train"]["skipped"]] == ["broken.jpg"]
 
 
+def test_imagenet_layout_files_copied_as_they_are_unless_asked(tmp_path: Path) -> None:
+    tree = tmp_path / "imagenet"
+    for split, count in (("train", 3), ("val", 2)):
+        for cls in ("n01440764", "n01443537"):
+            (tree / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (40, 30), (80 * i, 90, 0)).save(
+                    tree / split / cls / f"{cls}_{i}.JPEG", quality=95
+                )
+    data = {"name": "imagefolder", "root": str(tree)}
+    info = write_shards(data, tmp_path / "same", shard_size=4, log=lambda _: None)
+    assert info["classes"] == ["n01440764", "n01443537"]
+    assert [info["splits"][s]["samples"] for s in ("train", "val")] == [6, 4]
+    sources = {p.read_bytes() for p in tree.rglob("*.JPEG")}
+    copied = set()
+    for shard in (tmp_path / "same").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            copied |= {tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")}
+    assert copied == sources  # byte for byte
+
+    write_shards(data, tmp_path / "small", shard_size=4, max_side=20, quality=50, log=lambda _: None)
+    val = ShardSplit([str(tmp_path / "small" / "val-000000.tar")], info["classes"])
+    assert [tuple(val[i][0].shape) for i in range(len(val))] == [(3, 15, 20)] * 4
+    assert sorted(val.targets) == [0, 0, 1, 1]
+
+
 @pytest.mark.parametrize(
     "root,needle",
     [
