@@ -376,6 +376,7 @@ def test_pretrain_finetune_evaluate_from_shards_with_a_corrupt_sample(tmp_path: 
     out = tmp_path / "small"
     for shard in out.glob("train-*.tar"):  # an undecodable image appended to every training shard
         append(shard, {"900000002.jpg": b"\xff\xd8\xff broken", "900000002.cls": b"1"})
+    append(out / "val-000000.tar", {"900000003.jpg": b"\xff\xd8\xff broken", "900000003.cls": b"2"})
     data = ["data=shards", f"data.root={out}", "data.shuffle_buffer=600"]
     done = advpt(["pretrain", *data, *FAST, "trainer.max_steps=3"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -390,7 +391,9 @@ def test_pretrain_finetune_evaluate_from_shards_with_a_corrupt_sample(tmp_path: 
     done = advpt(["evaluate", "subset_max_images=4", "robust.max_images=8", "robust.steps=1"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (results,) = tmp_path.glob("outputs/evaluate/*/results.json")
-    assert json.loads(results.read_text())["sets"]["shards"]["images"] == 360
+    results = json.loads(results.read_text())
+    assert results["sets"]["shards"]["images"] == 360  # the undecodable one skipped, every other once
+    assert "shards: 1 unreadable or incomplete image skipped" in results["warnings"]
 
     # Resumed from the checkpoint of a run stopped at step 3, mid-epoch: it owes the epoch's rest.
     (ckpt,) = tmp_path.glob("outputs/pretrain/*/*/checkpoints/last.ckpt")
