@@ -43,7 +43,8 @@ class SkippedSamples(Callback):
             batch_size=1,
         )
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_fit_end, not on_train_end: the progress bar has closed its line by then
         total = torch.tensor(float(skipped_total(trainer)), device=pl_module.device)
         if trainer.world_size > 1:
             total = trainer.strategy.reduce(total, reduce_op="sum")
