@@ -211,6 +211,8 @@ def test_report_writes_every_figure_table_and_csv(tmp_path: Path) -> None:
     table = (out / "table1_transfer.md").read_text()
     assert "[paper 98.03]" in table  # MAE nominal, AdamW, CIFAR-10: the paper's value beside ours
     assert "[paper 98.00]" in table  # MAE l2, SGD
+    average = next(line for line in table.splitlines() if line.startswith("| average"))
+    assert "paper" not in average  # the paper's average covers five datasets, ours one: not comparable
     summary = (out / "summary.md").read_text()
     assert "Best radius per method and attack" in summary and "± " in summary
 

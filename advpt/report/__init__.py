@@ -124,7 +124,9 @@ def table1_markdown(cells: Sequence[Mapping[str, Any]], paper: Mapping[str, Any]
                     cell = index.get((data, m, a, optim))
                     text = "-" if cell is None else f"{cell['top1'].pct()} (n={cell['top1'].images})"
                 theirs = ours.get(data, {}).get(m, {}).get(a, {}).get(optim)
-                if theirs is not None and paper is not None:
+                # the paper's average is over its five datasets: shown only beside an average of the same five
+                same_grid = data != "average" or set(datasets) == set(ours) - {"average"}
+                if theirs is not None and paper is not None and same_grid:
                     text += f" [paper {theirs:.2f}]"
                 row.append(text)
             rows.append(row)
