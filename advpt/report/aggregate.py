@@ -207,10 +207,13 @@ def fig1(rows: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], Estim
 
 
 def fig2(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per evaluation set, the best radius of each method x attack (and the scratch model)."""
+    """Per evaluation set, the best radius of each method x attack (the scratch model is Fig. 1's baseline,
+    not a column: as in the paper, the colours compare pre-training arms)."""
     best = best_decay(rows)
     chosen: dict[tuple[str, str], Key] = {}
     for key, (_d, est, _g) in best.items():
+        if key[0] == "scratch":
+            continue
         slot = (key[0], key[1])
         if slot not in chosen or est.mean > best[chosen[slot]][1].mean:
             chosen[slot] = key
