@@ -276,3 +276,14 @@ def test_table1_markdown_lays_out_datasets_by_arms_with_the_average() -> None:
 def test_radius_labels_follow_the_paper() -> None:
     assert radius_label("linf", 4 / 255) == "4/255" and radius_label("linf", "2/255") == "2/255"
     assert radius_label("l2", 2.0) == "2" and radius_label("none", 0) == "-"
+
+
+def test_report_command_needs_at_least_one_existing_folder(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from advpt.errors import UserError
+    from advpt.report import check
+
+    with pytest.raises(UserError, match="does not exist"):
+        check(OmegaConf.create({"runs": [str(tmp_path / "a"), str(tmp_path / "b")]}))
+    check(OmegaConf.create({"runs": [str(tmp_path), str(tmp_path / "b")]}))  # the missing one: a note later

@@ -342,7 +342,7 @@ def build_report(
 def check(cfg: Any, touch_data: bool = True) -> Any:
     runs = cfg.runs if not isinstance(cfg.runs, str) else [cfg.runs]
     missing = [str(r) for r in runs if not Path(str(r)).expanduser().exists()]
-    if missing:
+    if missing and len(missing) == len(runs):  # some missing among others: skipped with a note
         raise UserError(f"runs={missing[0]} does not exist (give folders holding evaluation runs)")
     return cfg
 
