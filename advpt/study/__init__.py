@@ -24,7 +24,6 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ from advpt.runs import shown
 from advpt.study.plan import (
     ATTACKS,
     METHODS,
-    STAGES,
     Job,
     _list,
     _strings,
@@ -52,7 +50,6 @@ from advpt.study.runner import Interrupted, Runner, _duration
 __all__ = [
     "ATTACKS",
     "METHODS",
-    "STAGES",
     "Interrupted",
     "Job",
     "Runner",
@@ -67,14 +64,6 @@ __all__ = [
     "run_study",
     "transfer_jobs",
 ]
-
-
-def best_radii(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Any]:
-    """(method, attack) -> the radius whose fine-tuned models average best (mean over seeds and layer
-    decays is not taken: each radius counts with its best layer decay, as Fig. 1 does)."""
-    from advpt.report.aggregate import best_by_arm
-
-    return best_by_arm(rows)
 
 
 def run_study(cfg: DictConfig, root: Path) -> int:
@@ -101,9 +90,11 @@ def run_study(cfg: DictConfig, root: Path) -> int:
         runner.stage("evaluate", evaluated)
         transfer = exp.get("transfer") or {}
         if transfer and _list(transfer.get("datasets")) and not runner.dry_run:
+            from advpt.report.aggregate import best_by_arm
             from advpt.report.collect import collect
 
-            best = best_radii(collect([root / "evaluate"]))
+            # each method x attack's radius with the best average (at its best layer decay), as in Fig. 1
+            best = best_by_arm(collect([root / "evaluate"]))
             moved = transfer_jobs(cfg, root, pretrained, best)
             runner.stage(
                 "transfer", [j for j in moved if j.directory not in {f.directory for f in finetuned}]

@@ -14,7 +14,6 @@ from advpt.errors import UserError
 from advpt.report.collect import radius_value
 from advpt.runs import PRODUCTS, is_finished
 
-STAGES = ("pretrain", "finetune", "evaluate", "transfer", "transfer-evaluate")
 METHODS = ("mae", "byol", "rotnet", "supervised")
 ATTACKS = ("none", "linf", "l2")
 
