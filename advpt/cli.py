@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         if not multirun and any(a.startswith("resume=auto") for a in plain):
             from advpt.launch import already_finished
 
-            message = already_finished(command, plain)
+            try:
+                message = already_finished(command, plain)
+            except UserError as e:  # an unreadable or refused last.ckpt in the run directory
+                fail(str(e), command)
             if message:  # checked before Hydra writes into the run directory
                 print(f"advpt {command}: {message}")
                 sys.exit(0)

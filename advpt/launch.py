@@ -65,14 +65,9 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 def read_progress(path: Path) -> dict[str, Any]:
     """What a ``last.ckpt`` records of its run's progress (steps, epochs); raises UserError if unreadable."""
-    import torch
+    from advpt.trust import load_checkpoint
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
-        raise UserError(
-            f"resume={path} is not a readable Lightning checkpoint (give a run's checkpoints/last.ckpt)"
-        ) from None
+    ckpt = load_checkpoint(path, "resume")
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise UserError(f"resume={path} is not a Lightning training checkpoint (it has no training state)")
     progress = next((v for k, v in ckpt.get("callbacks", {}).items() if "LastCheckpoint" in k), {})
@@ -94,7 +89,10 @@ def resolve_resume(value: Any, run_dir: Path) -> str | None:
     if value is None or str(value) != "auto":
         return None if value is None else str(value)
     path = last_checkpoint(run_dir)
-    return str(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    read_progress(path)  # one line, before Lightning opens it, if it is not a training checkpoint
+    return str(path)
 
 
 def finished_message(run_dir: Path, trainer_cfg: Mapping[str, Any]) -> str | None:

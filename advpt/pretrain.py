@@ -282,7 +282,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> PretrainMethod | None:
     module = build_module(cfg, data.num_classes)
     trainer = build_trainer(cfg, run_dir)
     with processes(trainer, "pretrain", run_dir):
-        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
+        # weights_only: a checkpoint is data (advpt.trust); ours hold tensors and plain values only.
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume, weights_only=True)
     if trainer.is_global_zero:
         module.export_encoder(run_dir)
         write_record(

@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from advpt.errors import UserError
+from advpt.trust import load_checkpoint
 
 # What a run directory is read from, in order of preference.
 RUN_FILES = ("encoder.safetensors", "model.safetensors", "checkpoints/last.ckpt")
@@ -63,10 +63,12 @@ def patch_weight(path: Path, prefix: str | None = None) -> Tensor:
                 names = list(f.keys())
                 state = {k: f.get_tensor(k) for k in names if k.endswith(PATCH_EMBED_KEY)}
         else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            ckpt = load_checkpoint(path, "checkpoint")
             state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else {}
             if prefix is None and any(str(k).startswith(LIGHTNING_ENCODER) for k in state):
                 prefix = LIGHTNING_ENCODER
+    except UserError:
+        raise
     except Exception as e:  # not a checkpoint at all: one line, whatever the loader raised
         raise UserError(
             f"checkpoint={path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})"

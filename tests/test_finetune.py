@@ -261,7 +261,7 @@ def bad_files(pretrain_run: Path, tmp_path: Path) -> Path:
         (["pretrained=FILES/notes.txt"], "is not a pretrain run directory, an encoder .safetensors"),
         (["pretrained=FILES/empty"], "is a folder without encoder.safetensors or checkpoints/last.ckpt"),
         (["pretrained=FILES/lonely/encoder.safetensors"], "has no encoder.json beside it"),
-        (["pretrained=FILES/garbage.ckpt"], "is not a readable Lightning checkpoint"),
+        (["pretrained=FILES/garbage.ckpt"], "is not a readable checkpoint"),
         (["pretrained=FILES/other.ckpt"], "is not a checkpoint of `advpt pretrain`"),
         (["pretrained=FILES/mismatch"], "does not fit its model vit_tiny_patch16_224 (missing blocks.2"),
         (["pretrained=FILES/not_vit.safetensors"], "does not fit its model"),

@@ -124,7 +124,7 @@ def test_cli_draws_latest_and_a_list(tmp_path: Path, monkeypatch, capsys) -> Non
         (["checkpoint=[{run},/no/such]"], "checkpoint=/no/such does not exist"),
         (["checkpoint={run}/config.yaml"], "is not a weights file"),
         (["checkpoint={empty}"], "holds none of encoder.safetensors, model.safetensors"),
-        (["checkpoint={junk}"], "cannot be read"),
+        (["checkpoint={junk}"], "is not a readable checkpoint"),
         (["checkpoint={nopatch}"], "no key ending in 'patch_embed.proj.weight'"),
         (["checkpoint={run}", "components=0"], "components=0 is invalid"),
         ([], "run advpt pretrain first or pass checkpoint=PATH"),

@@ -37,6 +37,7 @@ from webdataset.tariterators import base_plus_ext
 
 from advpt.data.skipping import SkipCounter
 from advpt.errors import UserError
+from advpt.trust import runs_program
 
 INFO = "info.json"
 FORMAT = "advpt-shards/1"
@@ -179,8 +180,14 @@ class Located:
 
 
 def _names(info: Mapping[str, Any], split: str) -> list[str]:
+    """The shard file names info.json lists for ``split``: plain names of files beside it, nothing else
+    (a path or URL there would be read, or run, from a file: ``advpt.trust``)."""
     entry = (info.get("splits") or {}).get(split)
-    return [str(s["name"]) for s in entry["shards"]] if entry else []
+    names = [str(s["name"]) for s in entry["shards"]] if entry else []
+    for name in names:
+        if name != Path(name).name or name in (".", "..") or runs_program(name):
+            raise UserError(f"{INFO} lists shard {name!r}, which is not a file name beside it")
+    return names
 
 
 def check_shards(urls: Sequence[str], what: str) -> None:

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, Subset
 
 from advpt.data.variants import EvalSet, top1_correct
 from advpt.errors import UserError
+from advpt.trust import refuse_programs
 
 SUITES = ("auto", "imagenet_variants")
 # The headline sets of each suite, as ``EvalSet.group`` names; the average says how many were present.
@@ -35,12 +36,22 @@ Warn = Callable[[str], None]
 
 
 def data_config(spec: Mapping[str, Any], data_root: Any = None) -> dict[str, Any]:
-    """The data config the model was fine-tuned on (``model.json``), read from ``data_root`` if given."""
+    """The data config the model was fine-tuned on (``model.json``), read from ``data_root`` if given.
+
+    A location in model.json that would run a program (``pipe:``, a URL) is refused: only a
+    ``data_root`` typed on the command line may name one (``advpt.trust``).
+    """
     data = spec.get("data")
     if not isinstance(data, Mapping) or "name" not in data:
         raise UserError(
             "model.json records no data config to evaluate on (suite=auto); use suite=imagenet_variants root=PATH"
         )
+    refuse_programs(
+        data,
+        "the model's model.json",
+        typed=("root",) if data_root is not None else (),
+        hint=" (type data_root=LOCATION if you trust it)",
+    )
     data = dict(data)
     if data_root is not None:
         data["root"] = str(data_root)

@@ -125,7 +125,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> FineTuner | None:
         print(f"advpt finetune: {loaded(cfg)}", flush=True)
     trainer = build_trainer(cfg, run_dir)
     with processes(trainer, "finetune", run_dir):
-        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
+        # weights_only: a checkpoint is data (advpt.trust); ours hold tensors and plain values only.
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume, weights_only=True)
         # A run that stops mid-epoch (max_steps) is still scored on its final weights.
         if data.val_source is not None and module.validated_at != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from advpt.errors import UserError
 from advpt.models import timm_kwargs
+from advpt.trust import load_checkpoint
 
 # timm_kwargs() fills these from the model config; the rest of encoder.json's kwargs is model.kwargs.
 _DERIVED_KWARGS = ("img_size", "patch_size", "num_classes", "global_pool")
@@ -52,25 +53,16 @@ def find_latest() -> Path:
     return resolve_latest("finetune").resolve()
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # not a torch file, truncated, ...
-        raise UserError(
-            f"pretrained={path} is not a readable Lightning checkpoint ({type(e).__name__})"
-        ) from None
-
-
 def _checkpoint_encoder(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A pretrain checkpoint's ``encoder.vit.*`` weights under timm's names, and its model config."""
-    ckpt = _load_checkpoint(path)
+    ckpt = load_checkpoint(path, "pretrained")
     prefix = "encoder.vit."
-    state = {k[len(prefix) :]: v for k, v in (ckpt.get("state_dict") or {}).items() if k.startswith(prefix)}
-    model = (ckpt.get("hyper_parameters") or {}).get("model")
     try:
+        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        model = ckpt["hyper_parameters"]["model"]
         if state:
             return state, model_config(model["name"], timm_kwargs(model))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):  # not an advpt pretrain checkpoint
         pass
     raise UserError(f"pretrained={path} is not a checkpoint of `advpt pretrain` (no encoder.vit.* weights)")
 

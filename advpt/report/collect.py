@@ -95,7 +95,9 @@ def row_of(results_path: Path, note: Note) -> dict[str, Any] | None:
     if pretrained and str(pretrained) != "none":
         labels = pretrain_labels(_run_dir(Path(str(pretrained))))
         if labels is None:
-            note(f"skipped {results_path}: its encoder {pretrained} has no pre-training config.yaml")
+            note(
+                f"skipped {results_path}: its encoder {pretrained} has no readable pre-training config.yaml (plain YAML)"
+            )
             return None
     else:
         labels = {"method": "scratch", "attack": "none", "eps": 0, "pretrain_seed": None, "pretrain": None}

@@ -206,6 +206,9 @@ def evaluate_job(cfg: DictConfig, root: Path, finetuned: Job, overrides: list[st
     extra = []
     if cfg.get("variants_root") and "suite=imagenet_variants" in overrides:
         extra.append(f"root={cfg.variants_root}")
+    # The data root the user typed for the study, typed again for evaluation: read back from the
+    # run's model.json, a location that runs a program (pipe:) would be refused (advpt.trust).
+    extra += [f"data_root={o.partition('=')[2]}" for o in finetuned.overrides if o.startswith("data.root=")]
     return Job(
         stage,
         "evaluate",
