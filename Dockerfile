@@ -3,7 +3,7 @@
 #   docker build -t advpt .
 #   docker run --gpus all --ipc=host -v "$PWD/outputs:/work/outputs" advpt pretrain method=mae attack=l2 eps=0.5 \
 #       model=vit_base_patch16 trainer.devices=8 trainer.strategy=ddp trainer.precision=bf16-mixed
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /opt/advpt
 COPY pyproject.toml README.md ./
