@@ -174,6 +174,8 @@ def pgd(
                 delta.requires_grad_(True)
                 loss = per_example(delta)
                 (grad,) = torch.autograd.grad(loss.sum(), delta)
+                if support is not None:  # the step's direction (l2: its norm) over the supported part only
+                    grad = grad * support
                 delta = constrain(threat.step(delta.detach(), grad, alpha))
             if attack.restarts == 1:
                 return delta.detach().to(x.dtype)
