@@ -50,6 +50,21 @@ def runs_program(location: str) -> bool:
     return urlparse(location).scheme.lower() not in ("", "file")
 
 
+# timm.create_model arguments that make it open or fetch weights itself: advpt loads weights itself,
+# so a model description read from a file never names another file to load.
+LOADING_KWARGS = ("pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def refuse_loading_kwargs(kwargs: Mapping[str, Any], origin: str) -> None:
+    """One line if a model description read from the file ``origin`` asks timm to load weights."""
+    named = sorted(k for k in kwargs if k in LOADING_KWARGS)
+    if named:
+        raise UserError(
+            f"{origin} asks timm to load weights itself ({named[0]}); a model description read from a file "
+            f"may only describe the architecture: {SECURITY}"
+        )
+
+
 # The keys of a data config that name where data is read from.
 LOCATION_KEYS = ("root", "info", "val")
 

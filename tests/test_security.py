@@ -207,3 +207,24 @@ def test_study_over_a_folder_with_crafted_checkpoints_runs_none_of_them(tmp_path
         log = (out / "logs" / "pretrain" / f"{arm}.log").read_text()
         assert "Python objects beyond tensors" in log and "Traceback" not in log
     assert not marker.exists() and not (out / "finetune").exists()
+
+
+def test_a_model_description_naming_weights_for_timm_to_load_is_refused(tmp_path: Path, capsys) -> None:
+    # encoder.json / model.json describe an architecture; a file they name would be opened by timm.
+    marker = tmp_path / "marker"
+    evil = crafted_checkpoint(tmp_path / "evil.pth", marker)
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    save_file({"cls_token": torch.zeros(1, 1, 8)}, str(pre / "encoder.safetensors"))
+    kwargs = {"img_size": 16, "patch_size": 4, "checkpoint_path": str(evil)}
+    (pre / "encoder.json").write_text(json.dumps({"name": "vit_tiny_patch16_224", "kwargs": kwargs}))
+    assert run_cli(["finetune", f"pretrained={pre}", f"hydra.run.dir={tmp_path / 'ft'}"]) == 2
+    assert "asks timm to load weights itself (checkpoint_path)" in one_line(capsys)
+
+    run = fine_tuned_folder(tmp_path / "ft2", {"name": "builtin"})
+    spec = json.loads((run / "model.json").read_text())
+    spec["kwargs"]["checkpoint_path"] = str(evil)
+    (run / "model.json").write_text(json.dumps(spec))
+    assert run_cli(["evaluate", f"checkpoint={run}", f"hydra.run.dir={tmp_path / 'ev'}"]) == 2
+    assert "asks timm to load weights itself (checkpoint_path)" in one_line(capsys)
+    assert not marker.exists() and not (tmp_path / "ft").exists() and not (tmp_path / "ev").exists()

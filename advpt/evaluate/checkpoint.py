@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from advpt.errors import UserError
+from advpt.trust import refuse_loading_kwargs
 
 
 def resolve_checkpoint(value: Any) -> Path:
@@ -66,6 +67,7 @@ def read_spec(weights: Path) -> dict[str, Any]:
         or not isinstance(spec.get("kwargs"), dict)
     ):
         raise UserError(f'{not_model}: {spec_path} lacks the timm "name" and "kwargs" of the model')
+    refuse_loading_kwargs(spec["kwargs"], str(spec_path))
     classes = spec.get("num_classes", spec["kwargs"].get("num_classes"))
     if not isinstance(classes, int) or classes < 1:
         raise UserError(f"{not_model}: {spec_path} gives no num_classes >= 1 (an encoder without a head?)")

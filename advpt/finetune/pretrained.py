@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from advpt.errors import UserError
 from advpt.models import timm_kwargs
-from advpt.trust import load_checkpoint
+from advpt.trust import load_checkpoint, refuse_loading_kwargs
 
 # timm_kwargs() fills these from the model config; the rest of encoder.json's kwargs is model.kwargs.
 _DERIVED_KWARGS = ("img_size", "patch_size", "num_classes", "global_pool")
@@ -60,6 +60,7 @@ def _checkpoint_encoder(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     try:
         state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
         model = ckpt["hyper_parameters"]["model"]
+        refuse_loading_kwargs(model.get("kwargs") or {}, f"pretrained={path}")
         if state:
             return state, model_config(model["name"], timm_kwargs(model))
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):  # not an advpt pretrain checkpoint
@@ -135,6 +136,7 @@ def resolve_pretrained(value: Any) -> Pretrained:
             raise UserError(f"pretrained={text} has no encoder.json beside it (written by `advpt pretrain`)")
         try:
             spec = json.loads(spec_file.read_text())
+            refuse_loading_kwargs(spec["kwargs"], str(spec_file))
             model = model_config(spec["name"], spec["kwargs"])
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{spec_file} is not an encoder description (name, kwargs)") from None
