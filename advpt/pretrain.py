@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from advpt.config import attack_kwargs, check_pretrain
 from advpt.data.module import PretrainData
 from advpt.data.skipped_metric import SkippedSamples
-from advpt.launch import finished_message, processes, resolve_resume
+from advpt.launch import finished_message, processes, read_progress, resolve_resume
 from advpt.methods import METHODS, PretrainMethod
 from advpt.runs import number, read_record, shown, summary, write_record
 
@@ -305,6 +305,9 @@ def begin(cfg: DictConfig, run_dir: Path, command: str) -> bool:
         return False
     with open_dict(cfg):
         cfg.resume = resolve_resume(cfg.resume, run_dir)
+    if cfg.resume is not None and rank_zero_only.rank == 0:
+        step = read_progress(Path(cfg.resume))["global_step"]
+        print(f"advpt {command}: resuming {shown(Path(cfg.resume))} from step {step}", flush=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """A 2-process CPU (gloo) run that records what each rank saw, for tests/test_distributed.py.
 
-``python tests/ddp_probe.py MODE OUT``: Lightning's own launcher starts the second process (this is
-a plain script). MODE ``nominal`` / ``attacked`` count DDP's gradient reductions (a comm hook) per
-optimiser step of adversarial MAE; ``byol`` saves each rank's BYOL target network.
+``python tests/ddp_probe.py MODES OUT``: Lightning's own launcher starts the second process (this is
+a plain script); MODES, comma-separated, run one after another in the same two processes. Modes
+``nominal`` / ``attacked`` count DDP's gradient reductions (a comm hook) per optimiser step of
+adversarial MAE; ``byol`` saves each rank's BYOL target network.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ class CountReductions(L.Callback):
         trainer.strategy.model.register_comm_hook(state=None, hook=counting_allreduce)
 
 
-def main(mode: str, out: Path) -> None:
+def main(modes: str, out: Path) -> None:
+    for mode in modes.split(","):
+        REDUCTIONS.clear()
+        probe(mode, out)
+
+
+def probe(mode: str, out: Path) -> None:
     load = lambda group, name: yaml.safe_load((CONF / group / f"{name}.yaml").read_text())  # noqa: E731
     name = "byol" if mode == "byol" else "mae"
     attack = {"norm": "l2", "eps": 0.5, "steps": 2} if mode == "attacked" else None

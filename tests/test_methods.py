@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
+import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import make_method
 from test_models import mae_2d_sincos
+from torch.utils.data import DataLoader
 
 import advpt.methods.base as base
+import advpt.methods.classify as classify
 import advpt.methods.mae as mae_module
 from advpt.methods.byol import byol_loss, cosine_momentum
 from advpt.methods.classify import rotate, soft_cross_entropy
@@ -212,6 +218,90 @@ def test_byol_loss_is_summed_over_both_directions() -> None:
     assert module.reduce(torch.ones(16)) == pytest.approx(2.0)
 
 
+def test_byol_loss_pairs_each_views_prediction_with_the_other_views_target_projection() -> None:
+    module = make_method("byol")
+    module.train()
+    n = 8
+    view1 = torch.rand(n, 3, 16, 16)
+    view2 = 0.3 * torch.rand(n, 3, 16, 16).flip(-1)  # unlike view 1, so its target projections differ
+    loss = module.training_step(([view1, view2], torch.zeros(n)), 0)
+    with torch.no_grad():  # the step's batched passes (batch norm: the same batch statistics)
+        online = module.online(torch.cat([view1, view2]))
+        target = module.target_projection(torch.cat([view1, view2]))
+    p1, p2, z1, z2 = online[:n], online[n:], target[:n], target[n:]
+    cross = byol_loss(p1, z2).mean() + byol_loss(p2, z1).mean()
+    same = byol_loss(p1, z1).mean() + byol_loss(p2, z2).mean()
+    assert (cross - same).abs() > 0.05, "the two pairings must give different losses for this test"
+    torch.testing.assert_close(loss, cross, atol=1e-5, rtol=1e-5)
+
+
+class _ByolSnapshots(L.Callback):
+    """Online and target networks (parameters and buffers) before and after every training step."""
+
+    def __init__(self) -> None:
+        self.before: list[dict[str, dict[str, torch.Tensor]]] = []
+        self.after: list[dict[str, dict[str, torch.Tensor]]] = []
+
+    @staticmethod
+    def snapshot(module) -> dict[str, dict[str, torch.Tensor]]:
+        def tensors(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+            return {k: v.detach().clone() for k, v in [*net.named_parameters(), *net.named_buffers()]}
+
+        online = torch.nn.ModuleDict({"encoder": module.encoder, "projector": module.projector})
+        return {"online": tensors(online), "target": tensors(module.target)}
+
+    def on_train_batch_start(self, trainer, module, *args) -> None:
+        self.before.append(self.snapshot(module))
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.after.append(self.snapshot(module))
+
+
+def test_byol_optimizer_step_averages_the_updated_online_weights_on_the_cosine_schedule_and_copies_buffers(
+    tmp_path,
+) -> None:
+    """A real Lightning step: target_k = tau_k target_{k-1} + (1 - tau_k) online_k (online_k after the
+    optimiser's update), tau_k BYOL's cosine schedule at step k, and the batch-norm buffers copied."""
+    base_tau, steps, n = 0.5, 3, 4
+    # tau_base 0.5 and a large lr make each term of the average visible: tau_k = 0.5, 0.625, 0.875.
+    module = make_method("byol", momentum=base_tau, base_lr=0.04)
+    g = torch.Generator().manual_seed(0)
+    views = [[torch.rand(n, 3, 16, 16, generator=g) for _ in range(2)] for _ in range(steps)]
+    seen = _ByolSnapshots()
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[seen],
+    )
+    batches = [(pair, torch.zeros(n, dtype=torch.long)) for pair in views]
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert trainer.estimated_stepping_batches == steps and len(seen.after) == steps
+    parameters = [k for k, _ in module.target.named_parameters()]
+    buffers = [k for k, _ in module.target.named_buffers()]
+    assert "projector.1.running_mean" in buffers
+    for k, (before, after) in enumerate(zip(seen.before, seen.after, strict=True)):
+        tau = cosine_momentum(k, steps, base_tau)
+        assert tau == pytest.approx(1 - (1 - base_tau) * (math.cos(math.pi * k / steps) + 1) / 2)
+        online, target, previous = after["online"], after["target"], before["target"]
+        for name in parameters:
+            assert not torch.equal(online[name], before["online"][name]), f"step {k}: {name} not trained"
+            expected = tau * previous[name] + (1 - tau) * online[name]
+            torch.testing.assert_close(
+                target[name], expected, atol=1e-6, rtol=1e-5, msg=lambda m, k=k, p=name: f"step {k}, {p}: {m}"
+            )
+        for name in buffers:
+            copied = torch.equal(target[name], online[name])
+            assert copied, f"step {k}: {name} not copied into the target"
+        assert not torch.equal(
+            online["projector.1.running_mean"], before["online"]["projector.1.running_mean"]
+        )
+
+
 # -- RotNet / supervised -----------------------------------------------------------------------
 def test_rotate_applies_each_examples_quarter_turns() -> None:
     x = torch.rand(8, 3, 5, 5)
@@ -230,6 +320,103 @@ def test_soft_cross_entropy_matches_hard_labels() -> None:
 def test_supervised_needs_labels() -> None:
     with pytest.raises(ValueError):
         make_method("supervised", num_classes=0)
+
+
+def test_rotnet_smoothed_label_is_the_counter_clockwise_rotation_of_the_image_the_network_sees(
+    monkeypatch,
+) -> None:
+    module = make_method("rotnet")
+    module.train()
+    images = torch.rand(16, 3, 16, 16)
+    original = images.clone()
+    drawn, fed = [], []
+    real_inputs, real_logits = module.inputs_and_targets, module.logits
+    monkeypatch.setattr(module, "inputs_and_targets", lambda *a: drawn.append(real_inputs(*a)) or drawn[-1])
+    monkeypatch.setattr(module, "logits", lambda x: fed.append(x) or real_logits(x))
+    module.training_step(([images], torch.zeros(16, dtype=torch.long)), 0)
+    (x,) = fed
+    ((_, targets),) = drawn
+    quarter_turns = targets.argmax(-1)
+    assert set(quarter_turns.tolist()) == {0, 1, 2, 3}
+    # label smoothing 0.1 over 4 rotations: 0.925 on the label, 0.025 elsewhere
+    expected = torch.nn.functional.one_hot(quarter_turns, 4) * 0.9 + 0.025
+    torch.testing.assert_close(targets, expected)
+    # the quarter turns (counter-clockwise: torch.rot90 over dims (2, 3)) that give each fed image
+    applied = [
+        next((k for k in range(4) if torch.equal(x[i], torch.rot90(original, k, dims=(2, 3))[i])), None)
+        for i in range(16)
+    ]
+    assert applied == quarter_turns.tolist()
+
+
+def _record_classifier(module, monkeypatch) -> dict[str, list]:
+    """Spy on a classifier's training step: what ``inputs_and_targets`` returns, the input the attack
+    starts from, and the targets of every cross-entropy, each marked as inside the attack or not."""
+    seen: dict[str, list] = {"drawn": [], "attack": [], "ce": []}
+    in_attack = []
+    real_pgd, real_ce, real_inputs = base.pgd, classify.soft_cross_entropy, module.inputs_and_targets
+
+    def pgd(loss_fn, x, attack, **kwargs):
+        seen["attack"].append(x.clone())
+        in_attack.append(True)
+        try:
+            return real_pgd(loss_fn, x, attack, **kwargs)
+        finally:
+            in_attack.pop()
+
+    def ce(logits, target):
+        seen["ce"].append((bool(in_attack), target.clone()))
+        return real_ce(logits, target)
+
+    def inputs_and_targets(images, labels):
+        out = real_inputs(images, labels)
+        seen["drawn"].append(tuple(t.clone() for t in out))
+        return out
+
+    monkeypatch.setattr(base, "pgd", pgd)
+    monkeypatch.setattr(classify, "soft_cross_entropy", ce)
+    monkeypatch.setattr(module, "inputs_and_targets", inputs_and_targets)
+    return seen
+
+
+def test_supervised_attack_and_update_use_the_same_mixed_targets(monkeypatch) -> None:
+    module = make_method("supervised", attack=L2)  # shipped mixup 0.8, cutmix 1.0, smoothing 0.1
+    module.train()
+    seen = _record_classifier(module, monkeypatch)
+    np.random.seed(0)  # timm's mixup draws from numpy
+    images, labels = torch.rand(8, 3, 16, 16), torch.arange(8)
+    original = images.clone()
+    assert torch.isfinite(module.training_step(([images], labels), 0))
+    assert len(seen["drawn"]) == 1, "inputs and targets are drawn once per step"
+    ((mixed, targets),) = seen["drawn"]
+    assert not torch.allclose(targets, module.smoothed(labels)), "the batch must be mixed for this test"
+    assert not torch.equal(mixed, original)
+    (start,) = seen["attack"]
+    assert torch.equal(start, mixed), "the attack starts from the mixed images"
+    attack_targets = [t for inside, t in seen["ce"] if inside]
+    update_targets = [t for inside, t in seen["ce"] if not inside]
+    assert len(attack_targets) >= L2["steps"] and len(update_targets) == 1
+    assert all(torch.equal(t, targets) for t in attack_targets), "the attack's targets are not the mixed ones"
+    assert torch.equal(update_targets[0], targets), "the update's targets are not the mixed ones"
+
+
+def test_supervised_odd_batch_trains_unmixed_images_on_label_smoothed_targets(monkeypatch) -> None:
+    # timm's Mixup pairs example i with example B-1-i and asserts an even batch; an odd batch (a
+    # dataset's last, smaller batch) is trained as is: no mixing, only label smoothing.
+    module = make_method("supervised", attack=L2)
+    assert module.mixup is not None
+    module.train()
+    seen = _record_classifier(module, monkeypatch)
+    np.random.seed(0)
+    images, labels = torch.rand(7, 3, 16, 16), torch.tensor([0, 1, 2, 3, 9, 9, 5])
+    original = images.clone()
+    assert torch.isfinite(module.training_step(([images], labels), 0))
+    ((fed, targets),) = seen["drawn"]
+    assert torch.equal(fed, original) and torch.equal(seen["attack"][0], original)
+    # smoothing 0.1 over 10 classes: 0.91 on the label, 0.01 elsewhere
+    expected = torch.nn.functional.one_hot(labels, 10) * 0.9 + 0.01
+    torch.testing.assert_close(targets, expected)
+    assert all(torch.equal(t, targets) for _, t in seen["ce"])
 
 
 # -- every method ------------------------------------------------------------------------------
@@ -302,3 +489,51 @@ def test_adversarial_example_figure_shows_the_attack(record_pgd) -> None:
     (call,) = record_pgd
     torch.testing.assert_close(attacked - clean, call["delta"][:8], atol=1e-6, rtol=0)
     assert shown.min() >= 0 and shown.max() <= 1
+
+
+class _EncoderAndAverage(L.Callback):
+    """The encoder's and its EMA's weights after every optimiser step."""
+
+    def __init__(self) -> None:
+        self.online: list[dict[str, torch.Tensor]] = []
+        self.average: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.online.append({k: v.detach().clone() for k, v in module.encoder.state_dict().items()})
+        self.average.append({k: v.detach().clone() for k, v in module.ema.module.state_dict().items()})
+
+
+def test_weight_ema_copies_at_the_first_update_and_averages_from_the_second() -> None:
+    # timm's convention (train.py passes the count of updates made, get_decay(1) == 0): update 1
+    # copies the weights, updates 2, 3, ... average them with the configured decay.
+    decay = 0.5
+    # A large lr, no drop path: every step moves the weights well beyond the comparison's tolerance.
+    method = make_method(
+        "supervised", ema_decay=decay, mixup=0.0, cutmix=0.0, base_lr=10.0, drop_path_rate=0.0
+    )
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        ((torch.rand(4, 3, 16, 16, generator=g),), torch.randint(0, 10, (4,), generator=g)) for _ in range(3)
+    ]
+    seen = _EncoderAndAverage()
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[seen],
+    )
+    trainer.fit(method, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert len(seen.online) == 3
+    name = "vit.patch_embed.proj.weight"
+    assert all((seen.online[k][name] - seen.online[k - 1][name]).abs().max() > 1e-3 for k in (1, 2))
+    for name, first in seen.average[0].items():
+        if not first.is_floating_point():
+            continue
+        torch.testing.assert_close(first, seen.online[0][name])  # update 1: a copy
+        expected = seen.average[0][name]
+        for k in (1, 2):  # updates 2 and 3: decay * average + (1 - decay) * weights
+            expected = decay * expected + (1 - decay) * seen.online[k][name]
+            torch.testing.assert_close(seen.average[k][name], expected)

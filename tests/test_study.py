@@ -160,8 +160,10 @@ def test_study_runs_reports_and_a_rerun_only_does_what_is_left(tmp_path: Path) -
     assert third.returncode == 0, third.stdout + third.stderr
     assert "finetune 2/3 done, 1 to run" in third.stdout and "evaluate 2/3 done, 1 to run" in third.stdout
     assert "pretrain 2/2 done" in third.stdout and "pretrain 2/2 done," not in third.stdout
-    log = (out / "logs" / "finetune" / f"{half.name}.log").read_text()
-    assert "resume=auto" in log.splitlines()[-1] or "resume=auto" in log
+    # The log is appended to by every study: the third study's own part starts at its last command.
+    third_part = (out / "logs" / "finetune" / f"{half.name}.log").read_text().rsplit("$ advpt finetune", 1)[1]
+    assert "resume=auto" in third_part.splitlines()[0]
+    assert f"resuming {half / 'checkpoints' / 'last.ckpt'} from step 6" in third_part, third_part
     assert (half / "model.safetensors").is_file()
 
 

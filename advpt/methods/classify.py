@@ -60,7 +60,9 @@ class Classifier(PretrainMethod):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:  # after the update only: the attack never moves the average
-            self.ema.update(self.encoder, step=self.global_step)  # updates done so far, as timm's train.py
+            # timm's train.py passes the count of updates including this one (get_decay: the first copies);
+            # Lightning's global_step does not count this one yet, as it is still in progress.
+            self.ema.update(self.encoder, step=self.global_step + 1)
 
     def exported_encoder(self) -> Any:
         return self.ema.module if self.ema is not None else self.encoder
