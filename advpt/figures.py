@@ -11,8 +11,6 @@ backend state is needed and concurrent callers do not share figures.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +18,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
+
+from advpt.files import atomic_path
 
 # ---------------------------------------------------------------------------------------------------------
 # Patch-embedding filters (App. D / Fig. 4)
@@ -128,16 +128,8 @@ def _filter_mosaic(components: Tensor, ncols: int, scale: int, pad: int = 1) -> 
 
 def _save_atomic(fig: Figure, path: Path, dpi: int) -> None:
     """Write ``fig`` as PNG via a temp file in the same directory + ``os.replace`` (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # unique name via open("xb") rather than mkstemp: the file gets the usual umask mode, not 0600
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
 
 
 def plot_filters(

@@ -10,7 +10,6 @@ resolves ``latest`` before any heavy import.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from advpt.errors import UserError
+from advpt.files import write_json
 
 ROOTS = ("outputs", "multirun")
 # The file each command writes last: its presence marks a finished run.
@@ -57,11 +57,7 @@ def read_record(directory: Path) -> dict[str, Any]:
 
 def write_record(directory: Path, command: str, steps: int, **headline: Any) -> Path:
     """Write ``run.json`` (atomically): the command, the optimiser steps it trained, its headline numbers."""
-    path = Path(directory) / RECORD
-    tmp = path.with_name(f".{RECORD}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"command": command, "steps": int(steps), **headline}, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(directory) / RECORD, {"command": command, "steps": int(steps), **headline})
 
 
 def is_finished(directory: Path, command: str) -> bool:

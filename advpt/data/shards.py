@@ -37,6 +37,7 @@ from webdataset.tariterators import base_plus_ext
 
 from advpt.data.skipping import SkipCounter
 from advpt.errors import UserError
+from advpt.files import write_json
 from advpt.trust import runs_program
 
 INFO = "info.json"
@@ -672,7 +673,7 @@ def write_shards(
                 "give a new out= or remove that folder"
             )
     else:
-        _replace_text(out / PLAN, json.dumps(plan, indent=2))
+        write_json(out / PLAN, plan)
 
     splits: dict[str, Any] = {}
     for split, reader in readers.items():
@@ -715,7 +716,7 @@ def write_shards(
             skipped += sorted(reader.name(int(key)) for key in expected - keys)
         splits[split] = {"samples": sum(s["samples"] for s in shards), "shards": shards, "skipped": skipped}
     info = {**plan, "classes": classes, "splits": splits}
-    _replace_text(out / INFO, json.dumps(info, indent=2))  # last: its presence means finished
+    write_json(out / INFO, info)  # last: its presence means finished
     return info
 
 
@@ -733,9 +734,3 @@ def _runs(indices: Sequence[int]) -> list[list[int]]:
 def _keys(path: Path) -> set[str]:
     with tarfile.open(path, "r:") as tar:
         return {base_plus_ext(m.name)[0] for m in tar if m.isfile()}
-
-
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + PARTIAL)
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)

@@ -52,7 +52,8 @@ from advpt.evaluate.suites import (
     data_config,
     imagenet_sets,
 )
-from advpt.evaluate.table import format_table, summarise, write_json
+from advpt.evaluate.table import format_table, summarise
+from advpt.files import write_json
 
 __all__ = [
     "ATTACKS",

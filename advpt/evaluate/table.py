@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from advpt.data.variants import EvalSet, group_mean
@@ -85,14 +82,3 @@ def format_table(results: Mapping[str, Any]) -> str:
             for radius, r in by_radius.items():
                 lines.append(f"{norm:<6}  {radius:>8}  {pct(r['accuracy']):>8}  {r['images']:>8}")
     return "\n".join(lines)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON via a temporary file and ``os.replace`` (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -10,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from advpt.config import CONF_DIR, check_arguments, check_run, parse_number
 from advpt.errors import UserError
+from advpt.files import atomic_path, write_json
 from advpt.finetune.module import FinetuneData, FineTuner
 from advpt.finetune.pretrained import (
     architecture,
@@ -75,10 +75,6 @@ def export_classifier(module: FineTuner, cfg: DictConfig, directory: Path) -> Pa
 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.vit.state_dict().items()}
-    path = directory / "model.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
     # drop_path_rate only acts in training: the description is of the architecture.
     kwargs = {k: v for k, v in module.net.kwargs.items() if k != "drop_path_rate"}
     spec = {
@@ -90,7 +86,11 @@ def export_classifier(module: FineTuner, cfg: DictConfig, directory: Path) -> Pa
         "layer_decay": float(cfg.layer_decay),
         "optim": OmegaConf.to_container(cfg.optim, resolve=True),
     }
-    (directory / "model.json").write_text(json.dumps(spec, indent=2))
+    write_json(directory / "model.json", spec)
+    # the weights last: model.safetensors marks the run finished (advpt.runs)
+    path = directory / "model.safetensors"
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
     return path
 
 

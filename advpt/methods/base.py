@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from advpt.attacks import Attack, LossFn, frozen, pgd
 from advpt.data.module import seed_batch
+from advpt.files import atomic_path, write_json
 from advpt.models import Encoder
 
 
@@ -169,10 +169,12 @@ class PretrainMethod(L.LightningModule):
         encoder = self.exported_encoder()
         state = {k: v.detach().cpu().contiguous() for k, v in encoder.vit.state_dict().items()}
         path = directory / "encoder.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(path)
         kwargs = {k: v for k, v in encoder.kwargs.items() if k != "drop_path_rate"}
-        spec = {"name": encoder.name, "kwargs": kwargs, "method": self.method_cfg["name"]}
-        (directory / "encoder.json").write_text(json.dumps(spec, indent=2))
+        # encoder.json first: the weights, written last, are what marks the run finished (advpt.runs)
+        write_json(
+            directory / "encoder.json",
+            {"name": encoder.name, "kwargs": kwargs, "method": self.method_cfg["name"]},
+        )
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp))
         return path

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from advpt.errors import UserError
+from advpt.files import atomic_path, write_text
 from advpt.report import aggregate as agg
 from advpt.report.aggregate import ATTACK_LABEL, METHOD_LABEL, Estimate
 from advpt.report.collect import collect
@@ -27,13 +27,6 @@ Note = Callable[[str], None]
 
 def paper_values() -> dict[str, Any]:
     return json.loads(PAPER.read_text())
-
-
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
 
 
 def _csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -66,12 +59,10 @@ def _csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
                 out[key] = value
         flat.append(out)
     fields = list(dict.fromkeys(k for r in flat for k in r))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(flat)
-    tmp.replace(path)
     return path
 
 
@@ -301,7 +292,7 @@ def build_report(
             skip("fig5: no l2 robust accuracy for a model fine-tuned with two or more layer decays")
         cells = agg.table1(rows, agg.best_by_arm(rows))
         if cells:
-            written.append(_write(out / "table1_transfer.md", table1_markdown(cells, theirs) + "\n"))
+            written.append(write_text(out / "table1_transfer.md", table1_markdown(cells, theirs) + "\n"))
             written.append(
                 _csv(
                     out / "table1_transfer.csv",
@@ -335,7 +326,7 @@ def build_report(
                 ]
     if notes:
         md += ["", "## Notes", "", *[f"- {n}" for n in notes]]
-    written.append(_write(out / "summary.md", "\n".join(md) + "\n"))
+    written.append(write_text(out / "summary.md", "\n".join(md) + "\n"))
     return written
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from advpt.files import atomic_path
 from advpt.report.aggregate import ATTACK_LABEL, METHOD_LABEL, METHOD_ORDER, Estimate
 
 COLOURS = {"supervised": "tab:red", "rotnet": "tab:green", "mae": "tab:blue", "byol": "tab:orange"}
@@ -21,10 +22,9 @@ def _plt() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
     _plt().close(fig)
-    tmp.replace(path)
     return path
 
 
