@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-quick lint bench clean
 
 $(BIN)/advpt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ run: $(BIN)/advpt
 
 test: $(BIN)/advpt
 	$(BIN)/python -m pytest -q
+
+# The inner loop: every test but the slow end-to-end runs of the CLI (CI runs them all).
+test-quick: $(BIN)/advpt
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(BIN)/advpt
 	$(BIN)/ruff check advpt tests benchmarks

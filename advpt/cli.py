@@ -8,49 +8,16 @@ import shutil
 import sys
 from pathlib import Path
 
-from advpt.config import register_resolvers as register_config_resolvers
+from advpt.commands import COMMANDS, KEEPS_FOLDER
+from advpt.config import register_resolvers
 from advpt.errors import UserError
 from advpt.quiet import silence_noise
 
 # At import: jobs that a launcher runs in another process (submitit) resolve the configs there too.
-register_config_resolvers()
-
-COMMANDS = {
-    "pretrain": (
-        "advpt.pretrain",
-        "adversarial / nominal self-supervised pre-training (MAE, BYOL, RotNet, supervised)",
-    ),
-    "finetune": (
-        "advpt.finetune",
-        "fine-tune a pre-trained encoder (AdamW + layer-wise lr decay) or transfer it (optim=sgd_transfer)",
-    ),
-    "evaluate": (
-        "advpt.evaluate",
-        "clean, shifted and robust top-1 of a fine-tuned model (suite=auto|imagenet_variants); results.json",
-    ),
-    "study": (
-        "advpt.study",
-        "a whole grid of the paper (pretrain, scratch, finetune, evaluate, transfer) and its report; resumable",
-    ),
-    "report": (
-        "advpt.report",
-        "the paper's figures and tables (Fig. 1, 2, 3, 5, Table 1) from the runs found under runs=[DIR,...]",
-    ),
-    "visualize": (
-        "advpt.visualize",
-        "PCA of patch-embedding filters, one panel per checkpoint (paper Fig. 4); filters.png",
-    ),
-    "shards": (
-        "advpt.shards",
-        "write a dataset's splits as webdataset shards + info.json (train with data=shards data.root=DIR)",
-    ),
-}
-
-# Commands whose folder holds other runs' results: never removed on an error.
-KEEPS_FOLDER = {"study", "report"}
+register_resolvers()
 
 USAGE = "usage: advpt <command> [key=value ...] [-m] [--help] [--cfg job]\n\ncommands:\n" + "\n".join(
-    f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()
+    f"  {name:<10} {c.help}" for name, c in COMMANDS.items()
 )
 
 # Hydra flags that inspect rather than run: no validation needed for them.
@@ -85,10 +52,6 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     silence_noise()
-    from advpt.launch import register_resolvers
-
-    register_resolvers()
-    register_config_resolvers()
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     if any(a in ("--help", "-h") for a in overrides):
         _print_help(command, [a for a in overrides if not a.startswith("-")])
@@ -99,14 +62,16 @@ def main(argv: list[str] | None = None) -> None:
         plain = [a for a in overrides if not a.startswith("-")]
         try:
             # Cheap checks of every job first; the command's module (torch, Lightning, timm) after them.
-            validate(command, plain, multirun, module=COMMANDS[command][0])
+            validate(command, plain, multirun, module=COMMANDS[command].module)
         except UserError as e:
             fail(str(e), command)
         if not multirun and any(a.startswith("resume=auto") for a in plain):
-            from advpt.launch import already_finished
+            from advpt.config import compose
+            from advpt.resume import finished_message
 
+            cfg = compose(command, plain, hydra=True)
             try:
-                message = already_finished(command, plain)
+                message = finished_message(Path(str(cfg.hydra.run.dir)), cfg.trainer)
             except UserError as e:  # an unreadable or refused last.ckpt in the run directory
                 fail(str(e), command)
             if message:  # checked before Hydra writes into the run directory
@@ -145,14 +110,14 @@ def _run_hydra(command: str, overrides: list[str]) -> None:
     from omegaconf import DictConfig
 
     from advpt.config import CONF_DIR
-    from advpt.launch import PREEMPTED_EXIT, Preempted, register_resolvers
+    from advpt.launch import PREEMPTED_EXIT, Preempted
 
     @hydra.main(config_path=str(CONF_DIR), config_name=command, version_base="1.3")
     def task(cfg: DictConfig) -> None:
         out = Path(HydraConfig.get().runtime.output_dir)
         try:
             # Imported here, not before: --help and --cfg never need torch, Lightning or timm.
-            job = importlib.import_module(COMMANDS[command][0])
+            job = importlib.import_module(COMMANDS[command].module)
             job.run(cfg)
         except UserError as e:
             # Leave nothing half-written: a run directory that never got a checkpoint is removed
@@ -168,7 +133,6 @@ def _run_hydra(command: str, overrides: list[str]) -> None:
             )
             sys.exit(PREEMPTED_EXIT)
 
-    register_resolvers()
     # Hydra reads the overrides from sys.argv; argv[0] stays the real program (workers never re-run it).
     sys.argv = [sys.argv[0], *overrides]
     task()

@@ -1,4 +1,4 @@
-"""How a run's processes start and stop: local DDP workers, pre-emption, ``resume=auto``, run stamps.
+"""How a run's processes start and stop: local DDP workers and pre-emption.
 
 Lightning's launcher re-executes ``sys.argv`` once per extra device. Under the ``advpt`` console
 command that line is not a runnable script, and under a Hydra sweep it is the whole sweep, not the
@@ -16,12 +16,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
-from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from advpt.errors import UserError
 
 # Variables the worker environment sets; restored afterwards so the next job of a sweep starts clean.
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -34,91 +31,6 @@ class Preempted(Exception):
     def __init__(self, run_dir: Path, step: int) -> None:
         super().__init__(f"stopped at step {step}: {run_dir / 'checkpoints' / 'last.ckpt'} saved")
         self.run_dir, self.step = run_dir, step
-
-
-def run_stamp(pattern: str) -> str:
-    """The time stamp in a run directory's name, the same in every process of one launch.
-
-    An external launcher (srun with several tasks, torchrun) starts every process with the whole
-    command line, and their clocks can straddle a second; the launch's own id names the run instead
-    (a requeued SLURM job keeps its id, so ``resume=auto`` finds the run again).
-    """
-    env = os.environ
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env and "SLURM_PROCID" in env:
-        return f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '0')}"
-    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":
-        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
-    return datetime.now().strftime(pattern)
-
-
-def register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    # Cached like Hydra's ${now:}: one value per process, however often the path is resolved.
-    OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
-
-
-# -- resume=auto ---------------------------------------------------------------------------------
-def last_checkpoint(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints" / "last.ckpt"
-
-
-def read_progress(path: Path) -> dict[str, Any]:
-    """What a ``last.ckpt`` records of its run's progress (steps, epochs); raises UserError if unreadable."""
-    from advpt.trust import load_checkpoint
-
-    ckpt = load_checkpoint(path, "resume")
-    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt or "global_step" not in ckpt:
-        raise UserError(f"resume={path} is not a Lightning training checkpoint (it has no training state)")
-    progress = next((v for k, v in ckpt.get("callbacks", {}).items() if "LastCheckpoint" in k), {})
-    return {"global_step": int(ckpt["global_step"]), "epochs_done": progress.get("epochs_done")}
-
-
-def finished(progress: Mapping[str, Any], trainer_cfg: Mapping[str, Any]) -> bool:
-    """Whether a run that reached ``progress`` has nothing left to do under these Trainer limits."""
-    max_steps = trainer_cfg.get("max_steps", -1)
-    if max_steps is not None and int(max_steps) > 0:
-        return progress["global_step"] >= int(max_steps)
-    max_epochs = trainer_cfg.get("max_epochs")
-    done = progress.get("epochs_done")
-    return max_epochs is not None and int(max_epochs) >= 0 and done is not None and done >= int(max_epochs)
-
-
-def resolve_resume(value: Any, run_dir: Path) -> str | None:
-    """``resume=auto``: this run directory's ``last.ckpt`` if there is one, else a fresh start."""
-    if value is None or str(value) != "auto":
-        return None if value is None else str(value)
-    path = last_checkpoint(run_dir)
-    if not path.is_file():
-        return None
-    read_progress(path)  # one line, before Lightning opens it, if it is not a training checkpoint
-    return str(path)
-
-
-def finished_message(run_dir: Path, trainer_cfg: Mapping[str, Any]) -> str | None:
-    """``resume=auto`` on ``run_dir``: a message if it holds a run with nothing left to do, else None."""
-    path = last_checkpoint(run_dir)
-    if not path.is_file():
-        return None
-    from advpt.runs import PRODUCTS
-
-    if not any((run_dir / PRODUCTS[c]).is_file() for c in ("pretrain", "finetune")):
-        return None  # stopped after its last checkpoint but before its export: resuming exports it
-    progress = read_progress(path)
-    if not finished(progress, trainer_cfg):
-        return None
-    return f"{run_dir} already finished at step {progress['global_step']}; nothing to do"
-
-
-def already_finished(command: str, overrides: list[str]) -> str | None:
-    """For a single run with ``resume=auto``, before Hydra writes into its directory: :func:`finished_message`."""
-    from hydra import compose, initialize_config_dir
-
-    from advpt.config import CONF_DIR
-
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=command):
-        cfg = compose(command, overrides=overrides, return_hydra_config=True)
-    return finished_message(Path(str(cfg.hydra.run.dir)), cfg.trainer)
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -194,10 +106,10 @@ def _worker(command: str, run_dir: str) -> None:
     """A node's extra worker: the job's resolved config, the job's directory, the same ``fit``."""
     from omegaconf import OmegaConf
 
-    from advpt.cli import COMMANDS
+    from advpt.commands import COMMANDS
 
     directory = Path(run_dir)
-    job = importlib.import_module(COMMANDS[command][0])
+    job = importlib.import_module(COMMANDS[command].module)
     try:
         job.fit(OmegaConf.load(directory / "config.yaml"), directory)
     except Preempted:

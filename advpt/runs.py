@@ -41,10 +41,6 @@ class Run:
     def product(self) -> Path:
         return self.directory / PRODUCTS[self.command]
 
-    @property
-    def record(self) -> dict[str, Any]:
-        return read_record(self.directory)
-
 
 def read_record(directory: Path) -> dict[str, Any]:
     """``run.json`` of a run directory ({} when absent or unreadable)."""
@@ -104,9 +100,10 @@ INPUTS = {
 }
 
 
-def resolve_latest(command: str) -> Path:
-    """``<setting>=latest`` of ``command``: the product file of :func:`latest`, or one line saying what
-    to run first."""
+def resolve_latest_input(command: str) -> Path:
+    """What ``latest`` means as ``command``'s input (``advpt finetune pretrained=latest``: the newest
+    pretrain run's encoder): the product file of :func:`latest` of the commands it reads from, or one
+    line saying what to run first."""
     key, sources, accepted = INPUTS[command]
     run = latest(sources)
     if run is None:

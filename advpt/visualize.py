@@ -2,7 +2,7 @@
 
 Each checkpoint (a run directory, ``encoder.safetensors``, ``model.safetensors`` or a Lightning ``.ckpt``)
 gives one panel: the first principal components of its standardised patch-embedding weights
-(``advpt.figures``), titled from the run's ``config.yaml`` (method, attack, radius) when there is one.
+(``advpt.filters``), titled from the run's ``config.yaml`` (method, attack, radius) when there is one.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ LIGHTNING_ENCODER = "encoder.vit."
 def resolve(value: Any) -> Path:
     """The weights file one ``checkpoint=`` entry names."""
     if str(value) == "latest":  # the newest finished pretrain run, else fine-tuning run
-        from advpt.runs import resolve_latest
+        from advpt.runs import resolve_latest_input
 
-        return resolve_latest("visualize")
+        return resolve_latest_input("visualize")
     path = Path(str(value)).expanduser()
     if not path.exists():
         raise UserError(f"checkpoint={value} does not exist (give {ACCEPTED})")
@@ -53,7 +53,7 @@ def resolve_all(value: Any) -> list[Path]:
 
 def patch_weight(path: Path, prefix: str | None = None) -> Tensor:
     """The patch-embedding conv weight ``[D, C, p, p]`` stored in ``path``."""
-    from advpt.figures import PATCH_EMBED_KEY, patch_embedding_weight
+    from advpt.filters import PATCH_EMBED_KEY, patch_embedding_weight
 
     try:
         if path.suffix == ".safetensors":
@@ -165,7 +165,7 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
 
 def draw(paths: list[Path], path: Path, components: int = 28, prefix: str | None = None) -> Path:
     """Write one filter grid per checkpoint, side by side, to ``path`` (PNG)."""
-    from advpt.figures import filter_components, plot_filters
+    from advpt.filters import filter_components, plot_filters
 
     titles = _unique([title(p) for p in paths])
     panels = [

@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from advpt.data.module import Transformed, train_loader
-    from advpt.data.shards import write_shards
+    from advpt.data.shards.write import write_shards
     from advpt.data.sources import build_source
     from advpt.data.transforms import pretrain_views
 

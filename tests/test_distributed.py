@@ -305,8 +305,7 @@ def test_an_unresolvable_master_address_is_one_line(tmp_path: Path, monkeypatch,
 def test_slurm_launcher_composes_one_task_per_gpu() -> None:
     from hydra import compose, initialize_config_dir
 
-    from advpt.config import CONF_DIR
-    from advpt.launch import register_resolvers
+    from advpt.config import CONF_DIR, register_resolvers
 
     register_resolvers()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -352,7 +351,7 @@ def test_a_sweep_through_submitit_runs_each_job(tmp_path: Path) -> None:
 
 
 def test_run_stamp_names_external_launches(monkeypatch) -> None:
-    from advpt.launch import run_stamp
+    from advpt.config import run_stamp
 
     for key in ("SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)

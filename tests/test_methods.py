@@ -537,3 +537,10 @@ def test_weight_ema_copies_at_the_first_update_and_averages_from_the_second() ->
         for k in (1, 2):  # updates 2 and 3: decay * average + (1 - decay) * weights
             expected = decay * expected + (1 - decay) * seen.online[k][name]
             torch.testing.assert_close(seen.average[k][name], expected)
+
+
+def test_the_registry_holds_every_named_method_in_the_names_order() -> None:
+    from advpt import names
+    from advpt.methods import METHODS
+
+    assert tuple(METHODS) == names.METHODS

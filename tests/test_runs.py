@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from advpt.errors import UserError
-from advpt.runs import finished_runs, is_finished, latest, read_record, resolve_latest, summary, write_record
+from advpt.runs import (
+    finished_runs,
+    is_finished,
+    latest,
+    read_record,
+    resolve_latest_input,
+    summary,
+    write_record,
+)
 
 
 def make_run(directory: Path, command: str = "pretrain", steps: int | None = 1, age: float = 0) -> Path:
@@ -31,7 +39,7 @@ def test_latest_is_the_newest_finished_run_under_outputs_and_multirun(tmp_path: 
     swept = make_run(tmp_path / "multirun" / "pretrain" / "t" / "0-method-mae", age=200)
     assert latest("pretrain").directory == swept.resolve()  # multirun counts as much as outputs
     assert (
-        resolve_latest("finetune") == swept.resolve() / "encoder.safetensors"
+        resolve_latest_input("finetune") == swept.resolve() / "encoder.safetensors"
     )  # finetune's pretrained=latest
 
 
@@ -52,7 +60,7 @@ def test_runs_without_a_record_count_when_their_product_is_there(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     run = make_run(tmp_path / "outputs" / "finetune" / "adamw_lld" / "old", "finetune", steps=None)
     assert read_record(run) == {} and is_finished(run, "finetune")
-    assert resolve_latest("evaluate") == run.resolve() / "model.safetensors"
+    assert resolve_latest_input("evaluate") == run.resolve() / "model.safetensors"
 
 
 def test_every_command_reads_latest_the_same_way(tmp_path: Path, monkeypatch) -> None:
@@ -63,12 +71,16 @@ def test_every_command_reads_latest_the_same_way(tmp_path: Path, monkeypatch) ->
         ("visualize", "run advpt pretrain first or pass checkpoint=PATH"),
     ):
         with pytest.raises(UserError, match=needle):
-            resolve_latest(command)
+            resolve_latest_input(command)
     fine = make_run(tmp_path / "multirun" / "finetune" / "t" / "0-layer_decay=0.65", "finetune")
-    assert resolve_latest("visualize") == fine.resolve() / "model.safetensors"  # no pretrain run: fine-tuned
+    assert (
+        resolve_latest_input("visualize") == fine.resolve() / "model.safetensors"
+    )  # no pretrain run: fine-tuned
     pre = make_run(tmp_path / "outputs" / "pretrain" / "mae-l2" / "p", age=100)
-    assert resolve_latest("visualize") == pre.resolve() / "encoder.safetensors"  # pre-trained filters first
-    assert resolve_latest("evaluate") == fine.resolve() / "model.safetensors"
+    assert (
+        resolve_latest_input("visualize") == pre.resolve() / "encoder.safetensors"
+    )  # pre-trained filters first
+    assert resolve_latest_input("evaluate") == fine.resolve() / "model.safetensors"
 
 
 def test_summary_names_the_run_and_the_next_command(tmp_path: Path, monkeypatch) -> None:

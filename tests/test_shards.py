@@ -26,8 +26,8 @@ from advpt.data.shards import (
     check_source,
     shard_share,
     stream_loader,
-    write_shards,
 )
+from advpt.data.shards.write import write_shards
 from advpt.data.skipping import eval_loader, unreadable
 from advpt.data.sources import Digits, build_source
 from advpt.data.transforms import eval_transform
@@ -370,8 +370,9 @@ def test_a_killed_write_is_finished_by_the_same_command(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pretrain_finetune_evaluate_from_shards_with_a_corrupt_sample(written: Path, tmp_path: Path) -> None:
-    out = copy_of(written, tmp_path)  # `advpt shards` itself: the tests above
+def test_pretrain_finetune_evaluate_from_shards_with_a_corrupt_sample(tmp_path: Path) -> None:
+    out = tmp_path / "small"  # small shards: a few steps reach the corrupt sample at the end of each
+    write_shards(BUILTIN, out, shard_size=100, log=lambda _: None)
     for shard in out.glob("train-*.tar"):  # an undecodable image appended to every training shard
         append(shard, {"900000002.jpg": b"\xff\xd8\xff broken", "900000002.cls": b"1"})
     append(out / "val-000000.tar", {"900000003.jpg": b"\xff\xd8\xff broken", "900000003.cls": b"2"})

@@ -36,7 +36,6 @@ from advpt.evaluate.command import check, evaluate, run
 from advpt.evaluate.robust import (
     ATTACKS,
     RobustSpec,
-    positive_int,
     robust_accuracy,
     robust_results,
     robust_specs,
@@ -74,7 +73,6 @@ __all__ = [
     "image_size",
     "imagenet_sets",
     "load_classifier",
-    "positive_int",
     "read_spec",
     "resolve_checkpoint",
     "robust_accuracy",

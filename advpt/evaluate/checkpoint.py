@@ -16,9 +16,9 @@ from advpt.trust import refuse_loading_kwargs
 def resolve_checkpoint(value: Any) -> Path:
     """The ``model.safetensors`` that ``checkpoint=`` names (a fine-tuning run directory, the file, or latest)."""
     if value is None or str(value) == "latest":
-        from advpt.runs import resolve_latest
+        from advpt.runs import resolve_latest_input
 
-        return resolve_latest("evaluate")
+        return resolve_latest_input("evaluate")
     path = Path(str(value)).expanduser()
     if not path.exists():
         raise UserError(

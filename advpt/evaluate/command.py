@@ -12,12 +12,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from advpt.config import check_arguments
+from advpt.config import check_arguments, positive_int
 from advpt.data.skipping import eval_loader, incomplete, unreadable
 from advpt.data.variants import EvalSet
 from advpt.errors import UserError
 from advpt.evaluate.checkpoint import image_size, load_classifier, read_spec, resolve_checkpoint
-from advpt.evaluate.robust import positive_int, robust_results, robust_specs
+from advpt.evaluate.robust import robust_results, robust_specs
 from advpt.evaluate.scoring import PRECISIONS, Score, clean_score
 from advpt.evaluate.suites import (
     CORRUPTIONS_GROUP,
@@ -95,9 +95,8 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
                     "(an ImageFolder needs ROOT/val or ROOT/test); pass data_root=PATH"
                 )
     positive_int(cfg.batch_size, "batch_size")
-    workers = cfg.num_workers
-    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
-        raise UserError(f"num_workers={workers} is invalid: expected an integer >= 0 (or null)")
+    if cfg.num_workers is not None:
+        positive_int(cfg.num_workers, "num_workers", low=0)
     _optional_cap(cfg.max_images, "max_images")
     _optional_cap(cfg.subset_max_images, "subset_max_images")
     _precision(cfg.precision)

@@ -17,17 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advpt.attacks import Attack, pgd
-from advpt.config import parse_number
+from advpt.config import parse_number, positive_int
 from advpt.errors import UserError
 from advpt.evaluate.scoring import Score, autocast, device_of
 
 ATTACKS = ("pgd", "autoattack")
-
-
-def positive_int(value: Any, key: str, what: str = "expected") -> None:
-    """One line on a config value that is not an integer >= 1."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserError(f"{key}={value} is invalid: {what} an integer >= 1")
 
 
 def robust_accuracy(

@@ -19,8 +19,11 @@ from advpt.finetune.pretrained import (
     resolve_pretrained,
 )
 from advpt.finetune.recipes import OPTIMIZERS, TRANSFORMS
+from advpt.launch import processes
 from advpt.models import timm_kwargs
 from advpt.runs import number, read_record, shown, summary, write_record
+from advpt.training.harness import begin, build_trainer
+from advpt.training.harness import fit as fit_resumable
 
 SCRATCH_MODEL = "vit_mini_patch8_32"  # pretrained=none without model=: the CPU recipe's model
 
@@ -99,9 +102,6 @@ def fit(cfg: DictConfig, run_dir: Path) -> FineTuner | None:
 
     Returns ``None`` when ``resume=auto`` finds the run already finished (nothing is written).
     """
-    from advpt.launch import processes
-    from advpt.pretrain import begin, build_trainer
-
     cfg = check(cfg, touch_data=False)
     data = FinetuneData(cfg.data, cfg.optim, image_size=int(cfg.model.img_size), seed=int(cfg.seed))
     if data.num_classes < 2:
@@ -125,8 +125,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> FineTuner | None:
         print(f"advpt finetune: {loaded(cfg)}", flush=True)
     trainer = build_trainer(cfg, run_dir)
     with processes(trainer, "finetune", run_dir):
-        # weights_only: a checkpoint is data (advpt.trust); ours hold tensors and plain values only.
-        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume, weights_only=True)
+        fit_resumable(trainer, module, data, cfg.resume)
         # A run that stops mid-epoch (max_steps) is still scored on its final weights.
         if data.val_source is not None and module.validated_at != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)

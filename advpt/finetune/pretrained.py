@@ -48,9 +48,9 @@ def architecture(model: Mapping[str, Any]) -> dict[str, Any]:
 
 def find_latest() -> Path:
     """``pretrained=latest``: the encoder of the newest finished pretrain run here (``advpt.runs``)."""
-    from advpt.runs import resolve_latest
+    from advpt.runs import resolve_latest_input
 
-    return resolve_latest("finetune").resolve()
+    return resolve_latest_input("finetune").resolve()
 
 
 def _checkpoint_encoder(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Pre-training methods, chosen by name from the ``method`` config group."""
+"""Pre-training methods, chosen by name from the ``method`` config group (the names: ``advpt.names``)."""
 
 from __future__ import annotations
 

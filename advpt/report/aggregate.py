@@ -18,17 +18,11 @@ from dataclasses import dataclass
 from statistics import mean, variance
 from typing import Any
 
+from advpt.names import ATTACKS, METHOD_LABEL
+from advpt.report.collect import radius_value
+
 Z = 1.96
-METHOD_ORDER = ("supervised", "rotnet", "mae", "byol")
-ATTACK_ORDER = ("none", "linf", "l2")
-METHOD_LABEL = {
-    "supervised": "Sup-PT",
-    "rotnet": "RotNet",
-    "mae": "MAE",
-    "byol": "BYOL",
-    "scratch": "scratch",
-}
-ATTACK_LABEL = {"none": "nominal", "linf": "l_inf", "l2": "l2"}
+METHOD_ORDER = tuple(METHOD_LABEL)  # the paper's order: Sup-PT, RotNet, MAE, BYOL
 
 
 @dataclass(frozen=True)
@@ -164,9 +158,7 @@ def best_decay(rows: Iterable[Mapping[str, Any]]) -> dict[Key, tuple[float, Esti
 def order(key: Key) -> tuple:
     method, attack, radius = key
     m = METHOD_ORDER.index(method) if method in METHOD_ORDER else -1
-    a = ATTACK_ORDER.index(attack) if attack in ATTACK_ORDER else len(ATTACK_ORDER)
-    from advpt.report.collect import radius_value
-
+    a = ATTACKS.index(attack) if attack in ATTACKS else len(ATTACKS)
     return (a, m, radius_value(radius.replace("-", "0")))
 
 
@@ -272,8 +264,6 @@ def fig3(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def fig5(rows: Sequence[Mapping[str, Any]], norm: str = "l2") -> list[dict[str, Any]]:
     """Per selected model and layer decay, robust accuracy against the radius of ``norm``."""
-    from advpt.report.collect import radius_value
-
     groups = by_model(rows)
     out = []
     for key in selected_models(rows):
@@ -320,8 +310,6 @@ def _test_top1(row: Mapping[str, Any]) -> tuple[float, int] | None:
 def table1(rows: Sequence[Mapping[str, Any]], best: Mapping[tuple[str, str], Any]) -> list[dict[str, Any]]:
     """Datasets x (method, attack at its best radius) x optimiser: test top-1 (the best layer decay when
     one optimiser was run with several)."""
-    from advpt.report.collect import radius_value
-
     cells: dict[tuple[str, str, str, str], dict[float, list[tuple[float, int]]]] = defaultdict(
         lambda: defaultdict(list)
     )

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from advpt.files import atomic_path
-from advpt.report.aggregate import ATTACK_LABEL, METHOD_LABEL, METHOD_ORDER, Estimate
+from advpt.names import ATTACK_LABEL, METHOD_LABEL, NORMS, arm_label
+from advpt.report.aggregate import METHOD_ORDER, Estimate
 
 COLOURS = {"supervised": "tab:red", "rotnet": "tab:green", "mae": "tab:blue", "byol": "tab:orange"}
 
@@ -45,7 +46,7 @@ def fig1(table: Sequence[Mapping[str, Any]], base: Estimate | None, path: Path) 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     value = "minus_scratch" if base is not None else "average"
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in table)]
-    for ax, attack in zip(axes, ("linf", "l2"), strict=True):
+    for ax, attack in zip(axes, NORMS, strict=True):
         scale = 255 if attack == "linf" else 1
         span = max([r["eps_value"] * scale for r in table if r["attack"] == attack] or [1.0])
         for i, method in enumerate(methods):
@@ -108,11 +109,7 @@ def _heatmap(
 def fig2(columns: Sequence[Mapping[str, Any]], path: Path) -> Path:
     plt = _plt()
     sets = list(dict.fromkeys(n for c in columns for n in c["sets"]))
-    labels = [
-        f"{METHOD_LABEL.get(c['method'], c['method'])} {ATTACK_LABEL.get(c['attack'], c['attack'])}"
-        + ("" if c["attack"] == "none" else f" {c['radius']}")
-        for c in columns
-    ]
+    labels = [arm_label(c["method"], c["attack"], c["radius"]) for c in columns]
     cells = [[c["sets"].get(s) for c in columns] for s in sets] + [[c["average"] for c in columns]]
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(columns), 1.2 + 0.45 * len(cells)))
     _heatmap(
@@ -135,8 +132,7 @@ def fig3(entries: Sequence[Mapping[str, Any]], path: Path) -> Path:
     for ax, model in zip(axes[0], models, strict=True):
         group = [e for e in entries if (e["method"], e["attack"], e["radius"]) == model]
         cells = [[e["sets"].get(s) for e in group] for s in sets] + [[e["average"] for e in group]]
-        title = f"{METHOD_LABEL.get(model[0], model[0])} {ATTACK_LABEL.get(model[1], model[1])} {model[2]}"
-        _heatmap(ax, [*sets, "average"], [f"γ={e['layer_decay']:g}" for e in group], cells, title)
+        _heatmap(ax, [*sets, "average"], [f"γ={e['layer_decay']:g}" for e in group], cells, arm_label(*model))
     fig.suptitle(
         "Fig. 3: layer-wise lr decay γ (top-1 %, 95 % interval; colours per row and panel)",
         fontsize=10,
@@ -163,10 +159,7 @@ def fig5(points: Sequence[Mapping[str, Any]], path: Path) -> Path:
                 capsize=3,
                 label=f"γ={decay:g}",
             )
-        ax.set_title(
-            f"{METHOD_LABEL.get(model[0], model[0])} {ATTACK_LABEL.get(model[1], model[1])} {model[2]}",
-            fontsize=9,
-        )
+        ax.set_title(arm_label(*model), fontsize=9)
         ax.set_xlabel(f"{mine[0]['norm']} radius of the evaluation attack")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -11,11 +11,9 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig
 
 from advpt.errors import UserError
+from advpt.names import ATTACKS, METHODS
 from advpt.report.collect import radius_value
 from advpt.runs import PRODUCTS, is_finished
-
-METHODS = ("mae", "byol", "rotnet", "supervised")
-ATTACKS = ("none", "linf", "l2")
 
 
 @dataclass

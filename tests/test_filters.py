@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from advpt.figures import (
+from advpt.filters import (
     filter_components,
     patch_embedding_weight,
     plot_filters,

@@ -1,4 +1,4 @@
-"""The ``shards`` command: a dataset's splits as webdataset shards plus ``info.json`` (``advpt.data.shards``).
+"""The ``advpt shards`` command: a dataset's splits as webdataset shards plus ``info.json``.
 
 ``advpt shards data=<source> out=DIR`` copies every image of the training and evaluation splits into
 tar shards (``train-%06d.tar``, ``val-%06d.tar``), re-encoding only when ``max_side`` or ``quality``
@@ -17,7 +17,7 @@ from advpt.errors import UserError
 def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
     """``out`` is given and writable for this source; the source exists (before anything is written)."""
     from advpt.config import check_arguments, check_data
-    from advpt.data.shards import check_out
+    from advpt.data.shards.write import check_out
 
     check_arguments("shards", cfg)
     if cfg.out is None or not str(cfg.out).strip():
@@ -33,7 +33,7 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
 def run(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from advpt.data.shards import write_shards
+    from advpt.data.shards.write import write_shards
     from advpt.runs import shown, summary
 
     check(cfg, touch_data=False)

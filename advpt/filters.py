@@ -1,4 +1,4 @@
-"""Figures for the paper: patch-embedding filter visualisation (App. D / Fig. 4).
+"""The filters of a patch embedding as images (paper App. D / Fig. 4): what `advpt visualize` draws.
 
 Filters: "We extract the first principal components of the standardized embedding weights. Then we
 reshape and rescale these principal components to 16x16x3 RGB images" (first 28 components).

@@ -1,0 +1,95 @@
+"""What this machine can run: Lightning's Trainer arguments, devices, strategy, precision, addresses."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from advpt.errors import UserError
+
+
+def trainer_arguments() -> set[str]:
+    """The keyword arguments of ``lightning.Trainer``, read from its source without importing Lightning
+    (importing it takes seconds); falls back on the import if the source is not where it should be."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("lightning")  # a top-level package: found, not imported
+    source = Path(spec.origin).parent / "pytorch" / "trainer" / "trainer.py" if spec and spec.origin else None
+    try:
+        tree = ast.parse(source.read_text())  # type: ignore[union-attr]
+        trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+        init = next(n for n in trainer.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+        names = {a.arg for a in init.args.args + init.args.kwonlyargs}
+    except (OSError, AttributeError, StopIteration, SyntaxError):
+        import lightning as L
+
+        names = set(inspect.signature(L.Trainer.__init__).parameters)
+    return names - {"self", "logger", "callbacks"}
+
+
+def check_trainer_arguments(trainer_cfg: DictConfig) -> None:
+    accepted = trainer_arguments()
+    for key in trainer_cfg:
+        if key not in accepted:
+            raise UserError(
+                f"trainer.{key} is not a Lightning Trainer argument (see lightning.Trainer's documentation)"
+            )
+
+
+def _hardware() -> str:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"this machine has {os.cpu_count()} CPU cores and {gpus} GPU{'s' if gpus != 1 else ''}"
+
+
+def check_environment(trainer_cfg: DictConfig) -> None:
+    """Accelerator, devices, strategy and precision this machine can run, and a reachable MASTER_ADDR.
+
+    Lightning's own checks decide (a Trainer is built and dropped; it starts no process); its
+    message becomes one line with what the machine has.
+    """
+    import logging
+
+    import lightning as L
+
+    keys = ("accelerator", "devices", "num_nodes", "strategy", "precision", "sync_batchnorm")
+    kwargs = {k: trainer_cfg[k] for k in keys if k in trainer_cfg}
+    quiet = logging.getLogger("lightning.pytorch")
+    level, quiet.level = quiet.level, logging.WARNING
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe = L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    except Exception as e:  # Lightning raises MisconfigurationException, ValueError, RuntimeError, ...
+        text = " ".join(str(e).split()).split(". ")[0].rstrip(".")
+        settings = ", ".join(f"trainer.{k}={v}" for k, v in kwargs.items() if k != "sync_batchnorm")
+        raise UserError(f"{settings} cannot run here: {text}; {_hardware()}") from None
+    finally:
+        quiet.level = level
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    if (
+        kwargs.get("sync_batchnorm")
+        and isinstance(probe.accelerator, CPUAccelerator)
+        and probe.world_size > 1
+    ):
+        raise UserError(
+            "trainer.sync_batchnorm=true needs GPUs: PyTorch's SyncBatchNorm does not run in CPU processes "
+            "(drop it on CPU; each process then normalises its own batch)"
+        )
+    address = os.environ.get("MASTER_ADDR")
+    if address:
+        try:
+            socket.getaddrinfo(address, None)
+        except OSError:
+            raise UserError(
+                f"MASTER_ADDR={address} cannot be resolved from this machine: give the first node's host "
+                "name or address (or unset MASTER_ADDR for a single-node run)"
+            ) from None

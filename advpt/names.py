@@ -1,0 +1,26 @@
+"""The names of the pre-training methods and attacks, and how the paper shows them.
+
+The one list of each: the study's checks, the report's order and labels read them from here. Nothing is
+imported, so any module may import this one.
+"""
+
+METHODS = ("mae", "byol", "rotnet", "supervised")
+"""The pre-training methods (``method=``), in the order messages list them."""
+
+NORMS = ("linf", "l2")
+"""The norms an adversary's perturbation is bounded in (its radius ``eps`` is measured in them)."""
+
+ATTACKS = ("none", *NORMS)
+"""The pre-training attacks: none (nominal training), then one per norm."""
+
+METHOD_LABEL = {"supervised": "Sup-PT", "rotnet": "RotNet", "mae": "MAE", "byol": "BYOL"}
+"""How the paper names each method, in the order its figures and tables show them."""
+
+ATTACK_LABEL = {"none": "nominal", "linf": "l_inf", "l2": "l2"}
+"""How the paper names each attack."""
+
+
+def arm_label(method: str, attack: str, radius: str) -> str:
+    """A pre-training arm as the report's tables and figures name it: ``MAE l2 0.5``, ``BYOL nominal``."""
+    label = f"{METHOD_LABEL.get(method, method)} {ATTACK_LABEL.get(attack, attack)}"
+    return label if attack == "none" else f"{label} {radius}"

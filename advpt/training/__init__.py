@@ -1,0 +1,1 @@
+"""What the training commands (pretrain, finetune) share: the harness and the callbacks."""

@@ -1,0 +1,143 @@
+"""The callbacks every training run uses: ``last.ckpt`` kept current and atomic, throughput, the
+final step's metrics, and example images for the loggers that draw them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class ImagesPerSecond(Callback):
+    """Logs training throughput (images/s, wall clock per optimiser step) as ``train/images_per_s``."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self._start: float | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._start = self._clock()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._start is None:
+            return
+        images = batch[0][0].shape[0]
+        pl_module.log(
+            "train/images_per_s", images / max(self._clock() - self._start, 1e-9), batch_size=images
+        )
+
+
+class LastCheckpoint(Callback):
+    """Keep ``checkpoints/last.ckpt`` current: every ``every_n_steps`` optimiser steps, at each epoch
+    end, and when the run is told to stop (SIGTERM, or SIGUSR1 which the launch turns into SIGTERM).
+
+    Written to a temporary file and renamed, so a run killed mid-write never leaves a broken
+    checkpoint (Lightning's ModelCheckpoint writes in place, and cannot combine step and epoch triggers).
+    """
+
+    def __init__(self, directory: Path, every_n_steps: int) -> None:
+        self.path = Path(directory) / "last.ckpt"
+        self.every_n_steps = every_n_steps
+        self._saved_at = -1
+        self._epochs_done = 0
+
+    def save(self, trainer: L.Trainer, epochs_done: int) -> None:
+        if trainer.global_step == self._saved_at or trainer.sanity_checking:
+            return
+        self._epochs_done = epochs_done
+        # Not advpt.files.atomic_path: saving is a collective (every rank calls it, with one name).
+        tmp = self.path.with_name(".last.ckpt.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier()
+        self._saved_at = trainer.global_step
+
+    def state_dict(self) -> dict[str, Any]:
+        # Read back by `resume=auto` to tell a finished run from one to continue.
+        return {"epochs_done": self._epochs_done}
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.received_sigterm and trainer.world_size == 1:
+            # One process stops before the next batch, the last one logged (Lightning itself would
+            # wait for the epoch's end); several stop together there too, after rank 0 has told
+            # the others (Lightning's broadcast), and on_exception saves.
+            raise SIGTERMException()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer, trainer.current_epoch + int(last))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer, trainer.current_epoch + 1)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.save(trainer, trainer.current_epoch)
+
+
+class ExampleImages(Callback):
+    """At each epoch end (and at the end of training), sends the method's figures (adversarial
+    examples, MAE reconstructions) to the image-capable loggers (wandb, TensorBoard)."""
+
+    def __init__(self) -> None:
+        self._logged_at = -1
+
+    def send(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger | WandbLogger)]
+        step = trainer.global_step
+        if not trainer.is_global_zero or not loggers or step == self._logged_at:
+            return
+        self._logged_at = step
+        figures = pl_module.example_images() if hasattr(pl_module, "example_images") else {}
+        for name, images in figures.items():
+            images = images.detach().float().cpu()
+            for logger in loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key=f"images/{name}", images=list(images), step=step)
+                else:
+                    logger.experiment.add_images(f"images/{name}", images, step)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.send(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.send(trainer, pl_module)
+
+
+class FinalStepMetrics(Callback):
+    """Writes the last optimiser step's training metrics when Lightning's logging interval skipped it,
+    so that every run, also one of 1-3 steps or one short epoch, has them in metrics.csv."""
+
+    def __init__(self) -> None:
+        self._logged_at, self._epoch = -1, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._epoch = trainer.current_epoch
+        if trainer._logger_connector.should_update_logs:  # what Lightning decides for this step
+            self._logged_at = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == 0 or step == self._logged_at or not trainer.loggers:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        if metrics:
+            metrics["epoch"] = self._epoch
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step - 1)  # Lightning's rows count steps from 0
