@@ -111,9 +111,10 @@ def _raw_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
             "method.cutmix=0",
             "method.ema_decay=0",
             "method.drop_path_rate=0",  # per-process random draws differ from one process's
+            "method.min_lr=1e-4",  # the cosine ends above 0: the last step moves the weights too
         ],
         # SGD (transfer fine-tuning): unlike AdamW, it would see summed instead of averaged gradients
-        ["finetune", "pretrained=none", "optim=sgd_transfer"],
+        ["finetune", "pretrained=none", "optim=sgd_transfer", "optim.min_lr=1e-4"],
     ],
     ids=["adamw", "sgd"],
 )
@@ -128,7 +129,7 @@ def test_two_processes_with_half_the_batch_give_the_same_update(command: list[st
     assert w1.keys() == w2.keys() and not any("ema" in k for k in w1)
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=2e-5, msg=name)
-    # ...and the update was not empty: a learning rate above 0 and non-zero gradient statistics.
+    # ...and the update was not empty: a learning rate above 0 at the end and non-zero gradient statistics.
     assert opt1["param_groups"][0]["lr"] > 0
     key = "momentum_buffer" if command[0] == "finetune" else "exp_avg"
     assert any(s[key].abs().max() > 1e-6 for s in opt1["state"].values())
@@ -417,8 +418,8 @@ def test_compiled_blocks_in_bf16_train_under_the_attack(tmp_path: Path, monkeypa
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     norms = [float(r["train/delta_norm"]) for r in rows if r.get("train/delta_norm")]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), losses
-    assert len(norms) == 2 and all(0 < v <= 0.5 + 1e-3 for v in norms), norms
+    assert losses and all(math.isfinite(v) for v in losses), losses
+    assert norms and all(0 < v <= 0.5 + 1e-3 for v in norms), norms
 
 
 @pytest.mark.slow
