@@ -41,14 +41,16 @@ def same_weights(a: Path, b: Path, atol: float = 0.0) -> bool:
 
 # -- DDP from the console command ---------------------------------------------------------------
 @pytest.mark.slow
-def test_every_method_and_attack_runs_on_two_processes_in_one_sweep(tmp_path: Path) -> None:
+def test_every_method_runs_adversarially_on_two_processes_in_one_sweep(tmp_path: Path) -> None:
+    # The adversarial step holds the nominal one; nominal runs on two processes are the half-batch
+    # tests' (supervised pre-training, fine-tuning) and the probe's (MAE).
     sweep = tmp_path / "sweep"
     done = advpt(
         [
             "pretrain",
             "-m",
             "method=mae,byol,rotnet,supervised",
-            "attack=none,l2",
+            "attack=l2",
             "trainer.max_steps=3",
             f"hydra.sweep.dir={sweep}",
             *QUIET,
@@ -62,10 +64,7 @@ def test_every_method_and_attack_runs_on_two_processes_in_one_sweep(tmp_path: Pa
         "model-vit_micro+trainer.accelerator-cpu+trainer.devices-2+trainer.max_steps-3+trainer.strategy-ddp"
     )
     assert [p.name for p in jobs] == [
-        f"{i}-attack-{a}+method-{m}+{placement}"
-        for i, (m, a) in enumerate(
-            (m, a) for m in ("mae", "byol", "rotnet", "supervised") for a in ("none", "l2")
-        )
+        f"{i}-attack-l2+method-{m}+{placement}" for i, m in enumerate(("mae", "byol", "rotnet", "supervised"))
     ]
     for job in jobs:  # each job's two processes wrote into that job's directory, once
         assert outputs(job) == {
@@ -122,9 +121,10 @@ def test_two_processes_with_half_the_batch_give_the_same_update(command: list[st
     """2 x B/2 equals 1 x B: same global batches, averaged gradients, and the learning rate scaled by
     the global batch."""
     common = [*command, "trainer.max_steps=4", "trainer.accelerator=cpu", *QUIET]
-    one = advpt([*common, "data.batch_size=32", f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path)
+    # The one-process reference in this process (no launch to test there); the two processes as users start them.
+    assert run_cli([*common, "data.batch_size=32", f"hydra.run.dir={tmp_path / 'one'}"]) == 0
     two = advpt([*common, "data.batch_size=16", *DDP[1:], f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
     (w1, opt1), (w2, _) = (_raw_state(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("one", "two"))
     assert w1.keys() == w2.keys() and not any("ema" in k for k in w1)
     for name in w1:
