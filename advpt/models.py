@@ -35,6 +35,45 @@ def timm_kwargs(model_cfg: Mapping[str, Any], num_classes: int = 0) -> dict[str,
     }
 
 
+class PatchConv2d(nn.Conv2d):
+    """A patch embedding (kernel = stride, no padding) computed as one matrix product of the flattened
+    patches: the same weights, state-dict names and outputs as the ``nn.Conv2d`` it replaces, to float
+    rounding.
+
+    Written by hand because PGD differentiates every step with respect to the input, and on CPU the
+    convolution's input gradient (oneDNN's strided backward-data) costs several times its forward,
+    where a matrix product's costs what its forward does.
+    """
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv2d) -> nn.Conv2d:
+        """``conv`` itself if it is not a patch embedding, else this class holding its parameters."""
+        patchwise = (
+            conv.stride == conv.kernel_size
+            and conv.padding == (0, 0)
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+        )
+        if not patchwise:
+            return conv
+        fast = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None
+        )
+        fast.weight, fast.bias = conv.weight, conv.bias
+        return fast
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        p, q = self.kernel_size
+        if h % p or w % q:  # a partial patch: the convolution drops it
+            return super().forward(x)
+        gh, gw = h // p, w // q
+        patches = x.reshape(b, c, gh, p, gw, q).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * q)
+        out = nn.functional.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)
+        return out.transpose(1, 2).reshape(b, self.out_channels, gh, gw)  # [B, D, h, w], as the conv
+
+
 class Encoder(nn.Module):
     """timm ViT that takes images in [0,1] and normalises them itself.
 
@@ -45,6 +84,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.name, self.kwargs = name, dict(kwargs)
         self.vit = timm.create_model(name, pretrained=False, **self.kwargs)
+        embed = self.vit.patch_embed
+        embed.proj = PatchConv2d.replacing(embed.proj)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 

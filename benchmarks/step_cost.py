@@ -1,6 +1,7 @@
 """Seconds per training step, nominal vs PGD-K, for every method on the same batch, in one run.
 
     python benchmarks/step_cost.py                                   # CPU: tiny ViT, 32 px
+    python benchmarks/step_cost.py --model cpu --methods mae supervised --batches 16 64 256
     python benchmarks/step_cost.py --model vit_base_patch16 --batch 64 --precision bf16 --methods mae supervised
 
     python benchmarks/step_cost.py --model vit_base_patch16 --batch 128 --precision bf16 --compile --methods mae supervised
@@ -22,9 +23,11 @@ other processes inflate wall-clock times (two intra-op threads wait on each othe
 taken); ``--threads 1 --clock cpu`` counts the CPU seconds of this process instead.
 
 A nominal step costs about 3 forward-equivalents (forward + backward); each PGD iteration about 2
-(forward + backward to the input only), so PGD-2 should cost about 7/3 = 2.33x a nominal step. An
-attack that also computed weight gradients, re-ran the clean forward or copied the model would
-show up here as a ratio above 2.5.
+(forward + backward to the input only), so PGD-2 should cost about 7/3 = 2.33x a nominal step. The
+table prints that arithmetic as counted (the FLOP ratio, adversarial / nominal step, torch's
+FlopCounterMode) beside the time ratio, and their quotient ("excess"): the attack's time per FLOP
+against the nominal step's. An attack that also computed weight gradients, re-ran the clean forward
+or copied the model would show up as an excess well above 1.
 """
 
 from __future__ import annotations
@@ -129,6 +132,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument(
+        "--batches", type=int, nargs="+", default=None, help="a sweep of batch sizes (instead of --batch)"
+    )
+    parser.add_argument(
         "--steps", type=int, default=6, help=f"timed steps per setting (after {WARMUP} warm-up steps)"
     )
     parser.add_argument("--attack-steps", type=int, default=2)
@@ -159,7 +165,7 @@ def main() -> None:
     eps = 0.5 if args.norm == "l2" else 4 / 255
     attack = {"norm": args.norm, "eps": eps, "steps": args.attack_steps}
     print(
-        f"# {args.model} {size}px, batch {args.batch}, {args.precision}, {device}, PGD-{args.attack_steps} "
+        f"# {args.model} {size}px, batch {' '.join(map(str, args.batches or [args.batch]))}, {args.precision}, {device}, PGD-{args.attack_steps} "
         f"{args.norm}{', compiled' if args.compile else ''}, {torch.get_num_threads()} threads, "
         f"{args.clock} clock, median of {args.steps} after {WARMUP} warm-up steps"
     )
@@ -170,44 +176,52 @@ def main() -> None:
     peak = peak_flops(device)
     mfu_head = f" {'nominal MFU':>11} {'adv MFU':>8}" if peak else ""
     print(
-        f"{'method':<11} {'nominal s/step':>15} {'adv s/step':>11} {'ratio':>6} {'nominal img/s':>14} {'adv img/s':>10}"
-        + mfu_head
+        f"{'method':<11} {'batch':>5} {'nominal s/step':>15} {'adv s/step':>11} {'time ratio':>10} "
+        f"{'FLOP ratio':>10} {'excess':>7} {'nominal img/s':>14} {'adv img/s':>10}" + mfu_head
     )
-    for method in args.methods:
-        torch.manual_seed(0)
-        views = [
-            torch.rand(args.batch, 3, size, size, device=device) for _ in range(2 if method == "byol" else 1)
-        ]
-        batch = (views, torch.randint(0, 10, (args.batch,), device=device))
-        steps = {
-            "nominal": make_step(method, model, None, device, args.precision, args.compile),
-            "adv": make_step(method, model, attack, device, args.precision, args.compile),
-        }
-        torch.manual_seed(0)
-        lightly_step = (
-            peer.make_peer_step(method, model, device, args.precision, args.compile) if with_peer else None
-        )
-        if lightly_step is not None:
-            steps["peer"] = lightly_step
-        for step in steps.values():
-            for _ in range(WARMUP):
-                step(batch)
-        times: dict[str, list[float]] = {k: [] for k in steps}
-        for _ in range(args.steps):  # interleaved, so drift in machine load hits all alike
-            for name, step in steps.items():
-                times[name].append(timed(step, batch, device, clock))
-        nominal, adv = statistics.median(times["nominal"]), statistics.median(times["adv"])
-        if "peer" in times:
-            work = step_flops(steps["nominal"], batch) / max(1, step_flops(steps["peer"], batch))
-            peer_rows.append((method, nominal, statistics.median(times["peer"]), work))
-        mfu = ""
-        if peak:
+    for batch_size in args.batches or [args.batch]:
+        for method in args.methods:
+            torch.manual_seed(0)
+            views = [
+                torch.rand(batch_size, 3, size, size, device=device)
+                for _ in range(2 if method == "byol" else 1)
+            ]
+            batch = (views, torch.randint(0, 10, (batch_size,), device=device))
+            steps = {
+                "nominal": make_step(method, model, None, device, args.precision, args.compile),
+                "adv": make_step(method, model, attack, device, args.precision, args.compile),
+            }
+            torch.manual_seed(0)
+            lightly_step = (
+                peer.make_peer_step(method, model, device, args.precision, args.compile)
+                if with_peer
+                else None
+            )
+            if lightly_step is not None:
+                steps["peer"] = lightly_step
+            for step in steps.values():
+                for _ in range(WARMUP):
+                    step(batch)
+            times: dict[str, list[float]] = {k: [] for k in steps}
+            for _ in range(args.steps):  # interleaved, so drift in machine load hits all alike
+                for name, step in steps.items():
+                    times[name].append(timed(step, batch, device, clock))
+            nominal, adv = statistics.median(times["nominal"]), statistics.median(times["adv"])
             flops = {name: step_flops(steps[name], batch) for name in ("nominal", "adv")}
-            mfu = f" {flops['nominal'] / nominal / peak:>11.1%} {flops['adv'] / adv / peak:>8.1%}"
-        print(
-            f"{method:<11} {nominal:>15.4f} {adv:>11.4f} {adv / nominal:>6.2f} "
-            f"{args.batch / nominal:>14.1f} {args.batch / adv:>10.1f}" + mfu
-        )
+            if "peer" in times:
+                work = flops["nominal"] / max(1, step_flops(steps["peer"], batch))
+                peer_rows.append((method, nominal, statistics.median(times["peer"]), work))
+            mfu = (
+                f" {flops['nominal'] / nominal / peak:>11.1%} {flops['adv'] / adv / peak:>8.1%}"
+                if peak
+                else ""
+            )
+            flop_ratio = flops["adv"] / flops["nominal"]
+            print(
+                f"{method:<11} {batch_size:>5} {nominal:>15.4f} {adv:>11.4f} {adv / nominal:>10.2f} "
+                f"{flop_ratio:>10.3f} {adv / nominal / flop_ratio:>7.3f} "
+                f"{batch_size / nominal:>14.1f} {batch_size / adv:>10.1f}" + mfu
+            )
     if peer_rows:
         print(f"\n# nominal step against lightly {peer.version()} (same batch, model, optimiser, threads)")
         print(

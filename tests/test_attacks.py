@@ -133,6 +133,21 @@ def test_attack_leaves_training_state_untouched() -> None:
     assert net.training and net.conv.training and net.bn.training and not net.head.training
 
 
+def test_the_attack_records_no_path_to_the_weights_and_restores_their_flags() -> None:
+    net = _Net().train()
+    net.head.bias.requires_grad_(False)  # a parameter deliberately frozen must stay so
+    seen: list[bool] = []
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        out = net(z)
+        seen.append(any(p.requires_grad for p in net.parameters()) or out.grad_fn is None)
+        return out.sum(1)
+
+    pgd(loss, torch.rand(4, 3, 6, 6), Attack("l2", 0.5, steps=2), model=net)
+    assert seen == [False, False]  # every attack pass: a graph to the input only
+    assert [p.requires_grad for p in net.parameters()] == [True] * 5 + [False]
+
+
 def test_frozen_restores_modes_after_an_exception() -> None:
     net = _Net().train()
     with pytest.raises(RuntimeError), frozen(net):

@@ -103,3 +103,57 @@ def test_other_methods_keep_timms_vit_with_learned_positions(name: str) -> None:
     assert pos.requires_grad
     assert not torch.allclose(pos.detach(), sincos_pos_embed(module.encoder.dim, module.encoder.grid_size))
     assert module.encoder.vit.cls_token.std() < 1e-3  # timm's class-token init, not MAE's N(0, 0.02)
+
+
+def test_patch_embedding_as_a_matrix_product_equals_the_convolution_and_its_input_gradient() -> None:
+    from advpt.models import PatchConv2d
+
+    conv = nn.Conv2d(3, 16, kernel_size=4, stride=4)
+    fast = PatchConv2d.replacing(conv)
+    assert isinstance(fast, PatchConv2d) and fast.weight is conv.weight and fast.bias is conv.bias
+    assert fast.state_dict().keys() == conv.state_dict().keys()
+    x = torch.rand(5, 3, 16, 12, requires_grad=True)
+    weights = torch.randn(5, 16, 4, 3)  # a loss that weighs every output differently
+    (grad_conv,) = torch.autograd.grad((conv(x) * weights).sum(), x)
+    (grad_fast,) = torch.autograd.grad((fast(x) * weights).sum(), x)
+    torch.testing.assert_close(fast(x), conv(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_fast, grad_conv, atol=1e-5, rtol=1e-5)
+    # anything but a patch embedding stays a convolution
+    assert PatchConv2d.replacing(overlapping := nn.Conv2d(3, 8, 3, stride=2)) is overlapping
+
+
+@pytest.mark.parametrize("name", ["mae", "supervised"])
+def test_the_attack_through_the_matrix_product_embedding_finds_the_convolutions_perturbation(
+    name: str,
+) -> None:
+    # The same method, once with the embedding advpt builds and once with timm's convolution
+    # holding the same weights: the same random draws give the same perturbation.
+    import advpt.methods.base as base
+    from advpt.models import PatchConv2d
+
+    method = make_method(name, attack={"norm": "l2", "eps": 0.5, "steps": 2}, mixup=0.0, cutmix=0.0)
+    embed = method.encoder.vit.patch_embed
+    assert isinstance(embed.proj, PatchConv2d)
+    batch = ([torch.rand(8, 3, 16, 16)], torch.randint(0, 10, (8,)))
+    deltas = []
+    real = base.pgd
+
+    def keep(*args, **kwargs):
+        deltas.append(real(*args, **kwargs))
+        return deltas[-1]
+
+    for proj in (
+        embed.proj,
+        nn.Conv2d(3, embed.proj.out_channels, embed.proj.kernel_size, embed.proj.stride),
+    ):
+        if not isinstance(proj, PatchConv2d):
+            proj.weight, proj.bias = embed.proj.weight, embed.proj.bias
+        embed.proj = proj
+        torch.manual_seed(1)
+        base.pgd = keep
+        try:
+            method.training_step(batch, 0)
+        finally:
+            base.pgd = real
+    assert deltas[0].abs().max() > 0
+    torch.testing.assert_close(deltas[0], deltas[1], atol=1e-5, rtol=1e-4)
