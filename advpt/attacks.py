@@ -34,7 +34,7 @@ class LinfThreat:
         return delta if support is None else delta * support
 
     def step(self, delta: Tensor, grad: Tensor, step_size: float) -> Tensor:
-        return delta + step_size * grad.sign()
+        return torch.add(delta, grad.sign(), alpha=step_size)
 
     def project(self, delta: Tensor, eps: float) -> Tensor:
         return delta.clamp(-eps, eps)
@@ -64,7 +64,7 @@ class L2Threat:
         return direction * (eps * radius).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
     def step(self, delta: Tensor, grad: Tensor, step_size: float) -> Tensor:
-        return delta + step_size * grad / _flat_norm(grad, 2).clamp_min(1e-12)
+        return torch.addcmul(delta, grad, step_size / _flat_norm(grad, 2).clamp_min(1e-12))
 
     def project(self, delta: Tensor, eps: float) -> Tensor:
         scale = (eps / _flat_norm(delta, 2).clamp_min(1e-12)).clamp(max=1.0)
@@ -161,12 +161,11 @@ def pgd(
     if eps == 0:
         return torch.zeros_like(x)
     work = x.float()  # the perturbation lives in fp32 even when the model runs in bf16/fp16
+    low, high = lower - work, upper - work  # the perturbations that keep a valid image
 
     def constrain(delta: Tensor) -> Tensor:
-        if support is not None:
-            delta = delta * support
-        delta = threat.project(delta, eps)
-        return (work + delta).clamp(lower, upper) - work  # stay a valid image
+        # Supported coordinates only: the start and every step's gradient are masked (below).
+        return threat.project(delta, eps).clamp(low, high)
 
     def per_example(delta: Tensor) -> Tensor:
         loss = loss_fn((work + delta).to(x.dtype))

@@ -219,3 +219,39 @@ def test_both_threats_start_inside_the_support_only() -> None:
         assert (start * (1 - support) == 0).all(), threat.name
         assert (start * support != 0).sum() == 64 * 3 * 16, threat.name
         assert (threat.norm(start) <= eps * (1 + 1e-5)).all(), threat.name
+
+
+def _reference_pgd(loss_fn, x, norm: str, eps: float, steps: int, alpha: float, support, start):
+    """PGD written plainly (the formulation before any optimisation): step, mask, project, clip."""
+    delta = start.clone()
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(x + delta).sum(), delta)
+        grad = grad * support
+        if norm == "linf":
+            delta = delta.detach() + alpha * grad.sign()
+            delta = (delta * support).clamp(-eps, eps)
+        else:
+            delta = delta.detach() + alpha * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(
+                -1, 1, 1, 1
+            )
+            delta = delta * support
+            delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1).view(
+                -1, 1, 1, 1
+            )
+        delta = (x + delta).clamp(0, 1) - x
+    return delta
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_pgd_gives_the_plainly_written_pgds_perturbation(norm: str, eps: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 3, 8, 8, generator=g)  # pixels near 0 and 1: the valid-range clip binds
+    support = (torch.rand(6, 1, 8, 8, generator=g) > 0.4).float()
+    mix = torch.randn(192, 192, generator=g)
+    loss = lambda z: torch.tanh(z.flatten(1) @ mix).pow(2).sum(1)  # noqa: E731
+    attack = Attack(norm, eps, steps=3, random_start=False)
+    delta = pgd(loss, x, attack, support=support)
+    expected = _reference_pgd(loss, x, norm, eps, 3, attack.alpha, support, torch.zeros_like(x))
+    assert delta.abs().max() > 0
+    torch.testing.assert_close(delta, expected, atol=1e-6, rtol=1e-5)
