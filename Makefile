@@ -32,4 +32,4 @@ bench: $(BIN)/advpt
 	$(BIN)/python benchmarks/step_cost.py $(ARGS)
 
 clean:
-	rm -rf outputs multirun
+	rm -rf outputs multirun runs

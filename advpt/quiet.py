@@ -10,7 +10,7 @@ import warnings
 NOISY_WARNINGS = (
     # Lightning's pytree helper on newer torch (a library deprecation, nothing a user can change).
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-    # Short runs: the final step is always written to metrics.csv (advpt.pretrain.FinalStepMetrics).
+    # Short runs: the final step is always written to metrics.csv (advpt.training.callbacks.FinalStepMetrics).
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     # metrics.csv sits beside the run's other outputs.
     r"Experiment logs directory .* exists and is not empty",
@@ -18,6 +18,9 @@ NOISY_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     # data=shards: each loader process yields its own share of the epoch's batches (advpt.data.shards).
     r"Your `IterableDataset` has `__len__` defined",
+    # Resuming mid-epoch: advpt's loaders carry their position in last.ckpt (advpt.data.module), so a
+    # resumed run equals the uninterrupted one; Lightning cannot tell and warns.
+    r"You're resuming from a checkpoint that ended before the epoch ended",
 )
 # Log lines Lightning prints at INFO: adverts and an internal default of its checkpoint writer.
 NOISY_LOG_LINES = ("💡 Tip:", "`weights_only` was not set")

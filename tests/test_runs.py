@@ -92,3 +92,20 @@ def test_summary_names_the_run_and_the_next_command(tmp_path: Path, monkeypatch)
         "  run:  'outputs/pretrain/x y'",
         "  next: advpt finetune pretrained=P",
     ]
+
+
+def test_atomic_writes_give_files_the_usual_mode_even_from_a_0600_writer(tmp_path) -> None:
+    import os
+    import stat
+
+    from advpt.files import atomic_path
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "weights.safetensors") as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)  # what safetensors does
+            os.close(fd)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "weights.safetensors").stat().st_mode) == 0o644
+    assert list(tmp_path.iterdir()) == [tmp_path / "weights.safetensors"]
