@@ -158,7 +158,8 @@ def test_help_and_bad_input_import_nothing_heavy(tmp_path: Path) -> None:
         "from advpt.cli import main\n"
         "for args in (['pretrain', '--help'], ['finetune', '--help'], ['pretrain', 'method.base_lr=-1'],\n"
         "             ['pretrain', 'method=foo'], ['finetune', 'optim.lr=0'], ['evaluate', 'robust.steps=0'],\n"
-        "             ['pretrain', '+trainer.not_an_argument=1'], ['finetune', 'pretrained=latest']):\n"
+        "             ['pretrain', '+trainer.not_an_argument=1'], ['finetune', 'pretrained=latest'],\n"
+        "             ['pretrain', 'trainer.accelerator=cpu', 'trainer.devices=64', 'trainer.strategy=ddp']):\n"
         "    try:\n"
         "        main(args)\n"
         "    except SystemExit:\n"
@@ -167,7 +168,8 @@ def test_help_and_bad_input_import_nothing_heavy(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert "HEAVY []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
-    assert done.stderr.count("error: ") == 6, done.stderr
+    assert done.stderr.count("error: ") == 7, done.stderr
+    assert "trainer.devices=64 would start 64 CPU processes" in done.stderr
 
 
 def test_help_lists_the_commands_own_groups_and_option_names(capsys) -> None:

@@ -293,6 +293,24 @@ def test_what_this_machine_lacks_is_one_line_exit_2(args, needle, tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("accelerator", ["cpu", "auto"])
+def test_more_cpu_processes_than_cores_is_one_line_before_anything_starts(
+    accelerator: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from advpt.config.machine import cpu_cores
+
+    if accelerator == "auto" and torch.cuda.is_available():
+        pytest.skip("auto picks the GPUs here")
+    monkeypatch.chdir(tmp_path)
+    cores = cpu_cores()
+    args = [f"trainer.accelerator={accelerator}", f"trainer.devices={cores + 1}", "trainer.strategy=ddp"]
+    assert run_cli(["pretrain", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"trainer.devices={cores + 1} would start {cores + 1} CPU processes on {cores} cores" in err
+    assert list(tmp_path.iterdir()) == []  # (trainer.accelerator=cpu: before any heavy import, test_cli)
+
+
 def test_an_unresolvable_master_address_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MASTER_ADDR", "no-such-host.invalid")

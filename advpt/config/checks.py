@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 from advpt import names
-from advpt.config.machine import check_environment, check_trainer_arguments
+from advpt.config.machine import check_cpu_processes, check_environment, check_trainer_arguments
 from advpt.config.ranges import RANGES, check_range, parse_number, positive_int
 from advpt.errors import UserError
 
@@ -110,6 +110,8 @@ def check_arguments(command: str, cfg: DictConfig) -> None:
                 f"model.img_size={model.img_size} is not a multiple of model.patch_size={model.patch_size}"
             )
         check_trainer_arguments(cfg.trainer)
+        if str(cfg.trainer.get("accelerator")) == "cpu":  # before Lightning is imported (under 2 s)
+            check_cpu_processes(cfg.trainer.get("devices"))
         if cfg.resume is not None and str(cfg.resume) != "auto" and not Path(str(cfg.resume)).is_file():
             raise UserError(
                 f"resume={cfg.resume} is not a checkpoint file (give a run's checkpoints/last.ckpt, or auto)"

@@ -42,6 +42,27 @@ def check_trainer_arguments(trainer_cfg: DictConfig) -> None:
             )
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity, as a scheduler grants it), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_cpu_processes(devices: object) -> None:
+    """One line if a CPU run asks for more processes than there are cores: they would only wait on
+    each other (and 64 processes on 2 cores look like a hang), so nothing starts."""
+    count = int(devices) if isinstance(devices, int) or str(devices).isdigit() else None
+    cores = cpu_cores()
+    if count is not None and count > cores:
+        raise UserError(
+            f"trainer.devices={count} would start {count} CPU processes on {cores} cores: use at most "
+            f"trainer.devices={cores} (each process trains its share of the batch; more than the cores "
+            "only wait on each other)"
+        )
+
+
 def _hardware() -> str:
     import torch
 
@@ -75,6 +96,8 @@ def check_environment(trainer_cfg: DictConfig) -> None:
         quiet.level = level
     from lightning.pytorch.accelerators import CPUAccelerator
 
+    if isinstance(probe.accelerator, CPUAccelerator):  # accelerator=auto on a machine without GPUs
+        check_cpu_processes(probe.num_devices)
     if (
         kwargs.get("sync_batchnorm")
         and isinstance(probe.accelerator, CPUAccelerator)
