@@ -41,10 +41,7 @@ def resolve_resume(value: Any, run_dir: Path) -> str | None:
     if value is None or str(value) != "auto":
         return None if value is None else str(value)
     path = last_checkpoint(run_dir)
-    if not path.is_file():
-        return None
-    read_progress(path)  # one line, before Lightning opens it, if it is not a training checkpoint
-    return str(path)
+    return str(path) if path.is_file() else None
 
 
 def finished_message(run_dir: Path, trainer_cfg: Mapping[str, Any]) -> str | None:

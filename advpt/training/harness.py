@@ -30,6 +30,7 @@ def begin(cfg: DictConfig, run_dir: Path, command: str) -> bool:
     with open_dict(cfg):
         cfg.resume = resolve_resume(cfg.resume, run_dir)
     if cfg.resume is not None and rank_zero_only.rank == 0:
+        # Read as data, before Lightning opens it: one line if it is not a training checkpoint.
         step = read_progress(Path(cfg.resume))["global_step"]
         print(f"advpt {command}: resuming {shown(Path(cfg.resume))} from step {step}", flush=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
