@@ -15,12 +15,13 @@ $(BIN)/advpt: pyproject.toml
 run: $(BIN)/advpt
 	$(BIN)/advpt pretrain $(ARGS)
 
+# One pytest worker per core; the multi-process runs share one worker (tests marked xdist_group).
 test: $(BIN)/advpt
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 # The inner loop: every test but the slow end-to-end runs of the CLI (CI runs them all).
 test-quick: $(BIN)/advpt
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 lint: $(BIN)/advpt
 	$(BIN)/ruff check advpt tests benchmarks

@@ -39,6 +39,10 @@ COMMANDS: dict[str, Command] = {
         "advpt.visualize",
         "PCA of patch-embedding filters, one panel per checkpoint (paper Fig. 4); filters.png",
     ),
+    "export": Command(
+        "advpt.export",
+        "a fine-tuned model as a program that needs only torch: model.pt2 (torch.export) + model.json in out=DIR",
+    ),
     "shards": Command(
         "advpt.data.shards.command",
         "write a dataset's splits as webdataset shards + info.json (train with data=shards data.root=DIR)",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from advpt.config import attack_kwargs, check_pretrain
 from advpt.data.module import PretrainData
@@ -25,6 +27,7 @@ def build_module(cfg: DictConfig, num_classes: int) -> PretrainMethod:
         batch_size=int(cfg.data.batch_size),
         seed=int(cfg.seed),
         compile=bool(cfg.compile),
+        activation_checkpointing=bool(cfg.activation_checkpointing),
     )
 
 
@@ -33,25 +36,89 @@ def fit(cfg: DictConfig, run_dir: Path) -> PretrainMethod | None:
 
     Returns ``None`` when ``resume=auto`` finds the run already finished (nothing is written).
     """
-    cfg = check_pretrain(cfg, touch_data=False)
+    cfg = check(cfg, touch_data=False)
     if not begin(cfg, run_dir, "pretrain"):
         return None
     data = PretrainData(
         cfg.data, views=cfg.method.views, image_size=int(cfg.model.img_size), seed=int(cfg.seed)
     )
     module = build_module(cfg, data.num_classes)
+    if cfg.init is not None and cfg.resume is None:  # a resumed run's weights are its checkpoint's
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        for line in load_init(module, str(cfg.init), OmegaConf.to_container(cfg.model, resolve=True)):
+            if rank_zero_only.rank == 0:
+                print(f"advpt pretrain: {line}", flush=True)
     trainer = build_trainer(cfg, run_dir)
     with processes(trainer, "pretrain", run_dir):
         fit_resumable(trainer, module, data, cfg.resume)
+        state = module.encoder_state()  # every process, before they end: FSDP gathers the shards
     if trainer.is_global_zero:
-        module.export_encoder(run_dir)
+        module.export_encoder(run_dir, state)
+        metrics = trainer.callback_metrics
         write_record(
-            run_dir, "pretrain", trainer.global_step, loss=number(trainer.callback_metrics, "train/loss")
+            run_dir,
+            "pretrain",
+            trainer.global_step,
+            loss=number(metrics, "train/loss"),
+            knn_top1=number(metrics, "monitor/knn_top1"),  # monitor=knn; None when off
+            knn_robust_top1=number(metrics, "monitor/knn_robust_top1"),
         )
     return module
 
 
-check = check_pretrain
+def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
+    """:func:`check_pretrain`, then ``init=``: the weights to start from exist and fit the model."""
+    cfg = check_pretrain(cfg, touch_data)
+    with open_dict(cfg):
+        if str(cfg.get("init")).lower() in ("none", "null"):
+            cfg.init = None
+        if cfg.init is not None:
+            cfg.init = check_init(cfg.init, OmegaConf.to_container(cfg.model, resolve=True), cfg.method.name)
+    return cfg
+
+
+def check_init(value: Any, model: Mapping[str, Any], method: str) -> str:
+    """``init=`` as a source (advpt.published), its encoder and any MAE decoder checked against the
+    model, shapes only; one line if they do not fit."""
+    from advpt.published import (
+        check_decoder,
+        check_encoder,
+        meta_decoder,
+        meta_vit,
+        read_weights,
+        resolve_source,
+    )
+
+    source = resolve_source(value, "init")
+    weights = read_weights(source, "init", shapes_only=True)
+    vit = meta_vit(model)
+    check_encoder(weights.encoder, vit, model, "init", source)
+    if method == "mae" and weights.decoder:
+        check_decoder(weights.decoder, meta_decoder(model, vit), model, "init", source)
+    return source
+
+
+def load_init(module: PretrainMethod, source: str, model: Mapping[str, Any]) -> list[str]:
+    """Start ``module`` from ``init=``: the encoder, with every copy the method keeps of it (BYOL's
+    target, an EMA), and MAE's decoder when the source has one. Returns what to say about it."""
+    from advpt.models import Encoder, MAEDecoder
+    from advpt.published import load_decoder, load_encoder, read_weights, shown_source
+
+    weights = read_weights(source, "init")
+    vits = [m.vit for m in module.modules() if isinstance(m, Encoder)]
+    notes = load_encoder(vits, weights.encoder, model, "init", source)
+    decoder = getattr(module, "decoder", None)
+    shown_init = shown_source(source)
+    if not isinstance(decoder, MAEDecoder):
+        return [*notes, f"loaded the encoder of init={shown_init}"]
+    if not weights.decoder:
+        return [
+            *notes,
+            f"loaded the encoder of init={shown_init}; it has no MAE decoder: the decoder starts fresh",
+        ]
+    load_decoder(decoder, weights.decoder, model, "init", source)
+    return [*notes, f"loaded the encoder and the MAE decoder of init={shown_init}"]
 
 
 def run(cfg: DictConfig) -> None:
@@ -64,11 +131,16 @@ def run(cfg: DictConfig) -> None:
 
 
 def summarise(run_dir: Path) -> str:
-    """The lines a pre-training run ends with: steps and final loss, where it is, what to run next."""
+    """The lines a pre-training run ends with: steps, final loss and kNN top-1, where it is, what next."""
     record = read_record(run_dir)
     loss = record.get("loss")
     steps = record.get("steps", 0)
     headline = f"{steps} step{'s' if steps != 1 else ''}, final train/loss " + (
         f"{loss:.4f}" if loss is not None else "not logged"
     )
+    knn, robust = record.get("knn_top1"), record.get("knn_robust_top1")
+    if knn is not None:
+        headline += f", kNN top-1 {100 * knn:.2f} %" + (
+            f" (robust {100 * robust:.2f} %)" if robust is not None else ""
+        )
     return summary("pretrain", run_dir, headline, f"advpt finetune pretrained={shown(run_dir)}")

@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# Under `pytest -n` (make test), these run one after another on one worker: two multi-process runs
+# at once on a 2-core machine only wait on each other.
+pytestmark = pytest.mark.xdist_group("processes")
 ADVPT = str(BIN / "advpt")
 QUIET = ["model=vit_micro", "trainer.enable_progress_bar=false"]
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
@@ -39,48 +42,68 @@ def same_weights(a: Path, b: Path, atol: float = 0.0) -> bool:
     return all(torch.allclose(wa[k], wb[k], rtol=0, atol=atol) for k in wa)
 
 
-# -- DDP from the console command ---------------------------------------------------------------
-@pytest.mark.slow
-def test_every_method_runs_adversarially_on_two_processes_in_one_sweep(tmp_path: Path) -> None:
-    # The adversarial step holds the nominal one; nominal runs on two processes are the half-batch
-    # tests' (supervised pre-training, fine-tuning) and the probe's (MAE).
-    sweep = tmp_path / "sweep"
+# -- DDP and FSDP from the console command ------------------------------------------------------
+# FSDP runs also recompute activations: the same weights as DDP's show it changes no update either.
+FSDP = [
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.strategy=fsdp",
+    "activation_checkpointing=true",
+]
+# Every method adversarially for 8 steps, mid-way through the first epoch (11 steps of 2 x 64 digits).
+SWEEP = ["attack=l2", "trainer.max_steps=8", *QUIET]
+
+
+def sweep(methods: str, placement: list[str], folder: Path) -> Path:
+    """``advpt pretrain -m method=METHODS`` on two processes, as a user types it; the sweep folder."""
     done = advpt(
-        [
-            "pretrain",
-            "-m",
-            "method=mae,byol,rotnet,supervised",
-            "attack=l2",
-            "trainer.max_steps=3",
-            f"hydra.sweep.dir={sweep}",
-            *QUIET,
-            *DDP,
-        ],
-        cwd=tmp_path,
+        ["pretrain", "-m", f"method={methods}", *SWEEP, f"hydra.sweep.dir={folder / 'sweep'}", *placement],
+        cwd=folder,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    return folder / "sweep"
+
+
+def job(swept: Path, method: str) -> Path:
+    return next(p for p in swept.iterdir() if f"method-{method}+" in p.name)
+
+
+@pytest.fixture(scope="module")
+def ddp_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sweep("mae,byol,rotnet,supervised", DDP, tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture(scope="module")
+def fsdp_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sweep("mae,byol,supervised", FSDP, tmp_path_factory.mktemp("fsdp"))
+
+
+@pytest.mark.slow
+def test_every_method_runs_adversarially_on_two_processes_in_one_sweep(ddp_sweep: Path) -> None:
+    # The adversarial step holds the nominal one; nominal runs on two processes are the half-batch
+    # tests' (supervised pre-training, fine-tuning) and the probe's (MAE).
+    jobs = sorted(p for p in ddp_sweep.iterdir() if p.is_dir())
     placement = (
-        "model-vit_micro+trainer.accelerator-cpu+trainer.devices-2+trainer.max_steps-3+trainer.strategy-ddp"
+        "model-vit_micro+trainer.accelerator-cpu+trainer.devices-2+trainer.max_steps-8+trainer.strategy-ddp"
     )
     assert [p.name for p in jobs] == [
         f"{i}-attack-l2+method-{m}+{placement}" for i, m in enumerate(("mae", "byol", "rotnet", "supervised"))
     ]
-    for job in jobs:  # each job's two processes wrote into that job's directory, once
-        assert outputs(job) == {
+    for each in jobs:  # each job's two processes wrote into that job's directory, once
+        assert outputs(each) == {
             "last.ckpt": 1,
             "metrics.csv": 1,
             "encoder.safetensors": 1,
             "model.safetensors": 0,
-        }, job
-        assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # nothing written elsewhere
+        }, each
+        assert torch.load(each / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    assert sorted(p.name for p in ddp_sweep.parent.iterdir()) == ["sweep"]  # nothing written elsewhere
 
     # Fine-tuning on two processes from one of them.
-    run = tmp_path / "ft"
+    run = ddp_sweep.parent / "ft"
     done = advpt(
-        ["finetune", f"pretrained={jobs[1]}", "trainer.max_steps=3", f"hydra.run.dir={run}", *DDP[:0], *DDP],
-        cwd=tmp_path,
+        ["finetune", f"pretrained={jobs[1]}", "trainer.max_steps=3", f"hydra.run.dir={run}", *DDP],
+        cwd=ddp_sweep.parent,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert outputs(run) == {
@@ -89,6 +112,82 @@ def test_every_method_runs_adversarially_on_two_processes_in_one_sweep(tmp_path:
         "encoder.safetensors": 0,
         "model.safetensors": 1,
     }
+
+
+@pytest.mark.slow
+def test_fsdp_trains_every_method_adversarially_to_the_weights_of_ddp(
+    ddp_sweep: Path, fsdp_sweep: Path
+) -> None:
+    """``trainer.strategy=fsdp`` (FSDP2), with activation checkpointing, takes the steps DDP takes,
+    attack included (same batches, masks, mixup draws and batch-norm statistics on each process):
+    the same encoder, to float rounding, exported as the same plain timm state dict, from one
+    checkpoint file."""
+    for method in ("mae", "byol", "supervised"):
+        sharded, replicated = job(fsdp_sweep, method), job(ddp_sweep, method)
+        assert "trainer.strategy-fsdp" in sharded.name
+        assert outputs(sharded) == {
+            "last.ckpt": 1,
+            "metrics.csv": 1,
+            "encoder.safetensors": 1,
+            "model.safetensors": 0,
+        }, sharded
+        ckpt = torch.load(sharded / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 8
+        reference = torch.load(replicated / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["state_dict"].keys() == reference["state_dict"].keys()  # whole, unsharded names
+        ws = load_file(str(sharded / "encoder.safetensors"))
+        wr = load_file(str(replicated / "encoder.safetensors"))
+        assert {k: v.shape for k, v in ws.items()} == {k: v.shape for k, v in wr.items()}
+        for name in wr:
+            torch.testing.assert_close(ws[name], wr[name], rtol=0, atol=1e-4, msg=f"{method}: {name}")
+        # ...and both trained: the sharded run's optimiser holds non-zero gradient averages.
+        state = ckpt["optimizer_states"][0]["state"]
+        assert any(s["exp_avg"].abs().max() > 1e-6 for s in state.values())
+
+
+@pytest.mark.slow
+def test_fsdp_sigterm_mid_epoch_then_resume_auto_equals_the_uninterrupted_run(
+    fsdp_sweep: Path, tmp_path: Path
+) -> None:
+    """Stopped by a signal, an FSDP run saves ``last.ckpt`` (gathered from both processes), continues
+    with ``resume=auto`` to the uninterrupted run's weights, then further with a larger max_steps; its
+    encoder fine-tunes on one process."""
+    args = ["pretrain", "method=mae", *SWEEP, *FSDP, "checkpoint_every_n_steps=2", "resume=auto"]
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        [ADVPT, *args, f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ckpt = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    stopped_at = torch.load(ckpt, weights_only=True)["global_step"]
+    assert 0 < stopped_at < 8, stopped_at
+    assert not (run / "encoder.safetensors").exists()
+
+    again = advpt([*args, f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"from step {stopped_at}" in again.stdout
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 8
+    assert same_weights(run / "encoder.safetensors", job(fsdp_sweep, "mae") / "encoder.safetensors")
+
+    longer = advpt([*args, "trainer.max_steps=10", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 10
+
+    tuned = tmp_path / "ft"
+    assert (
+        run_cli(["finetune", f"pretrained={run}", "trainer.max_steps=2", f"hydra.run.dir={tuned}", *QUIET])
+        == 0
+    )
+    assert (tuned / "model.safetensors").is_file()
 
 
 def _raw_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -118,17 +217,23 @@ def _raw_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     ids=["adamw", "sgd"],
 )
 def test_two_processes_with_half_the_batch_give_the_same_update(command: list[str], tmp_path: Path) -> None:
-    """2 x B/2 equals 1 x B: same global batches, averaged gradients, and the learning rate scaled by
-    the global batch."""
+    """2 x B/2 equals 1 x B, under DDP and under FSDP: same global batches, averaged gradients, and
+    the learning rate scaled by the global batch."""
     common = [*command, "trainer.max_steps=4", "trainer.accelerator=cpu", *QUIET]
-    # The one-process reference in this process (no launch to test there); the two processes as users start them.
+    # The one-process reference in this process (no launch to test there); the two processes as users
+    # start them: DDP (recomputing activations, which changes no update) and FSDP.
     assert run_cli([*common, "data.batch_size=32", f"hydra.run.dir={tmp_path / 'one'}"]) == 0
-    two = advpt([*common, "data.batch_size=16", *DDP[1:], f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    (w1, opt1), (w2, _) = (_raw_state(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("one", "two"))
-    assert w1.keys() == w2.keys() and not any("ema" in k for k in w1)
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=2e-5, msg=name)
+    for name, placement in (("ddp", [*DDP[1:], "activation_checkpointing=true"]), ("fsdp", FSDP[1:3])):
+        two = advpt(
+            [*common, "data.batch_size=16", *placement, f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path
+        )
+        assert two.returncode == 0, two.stderr[-3000:]
+    w1, opt1 = _raw_state(tmp_path / "one" / "checkpoints" / "last.ckpt")
+    for run in ("ddp", "fsdp"):
+        w2, _ = _raw_state(tmp_path / run / "checkpoints" / "last.ckpt")
+        assert w1.keys() == w2.keys() and not any("ema" in k for k in w1)
+        for name in w1:
+            torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=2e-5, msg=f"{run}: {name}")
     # ...and the update was not empty: a learning rate above 0 at the end and non-zero gradient statistics.
     assert opt1["param_groups"][0]["lr"] > 0
     key = "momentum_buffer" if command[0] == "finetune" else "exp_avg"
@@ -140,7 +245,12 @@ def probed(tmp_path_factory) -> Path:
     """One 2-process launch of tests/ddp_probe.py running every mode; the folder of what it recorded."""
     out = tmp_path_factory.mktemp("probe") / "out"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_probe.py"), "nominal,attacked,byol", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "tests" / "ddp_probe.py"),
+            "nominal,attacked,byol,monitor,fsdp_nominal,fsdp_attacked,fsdp_hooks_attacked,fsdp_byol",
+            str(out),
+        ],
         cwd=out.parent,
         capture_output=True,
         text=True,
@@ -164,6 +274,64 @@ def test_the_attack_adds_no_gradient_synchronisation(probed: Path) -> None:
     assert per_step[("nominal", 0)] >= 1
     assert per_step[("attacked", 0)] == per_step[("nominal", 0)]
     assert per_step[("attacked", 1)] == per_step[("nominal", 1)]
+
+
+@pytest.mark.slow
+def test_the_knn_monitor_on_two_processes_gives_the_numbers_of_one(probed: Path) -> None:
+    """Each rank encodes and attacks its share (uneven: 5 and 4 batches); the gathered features, labels
+    and attacked features equal one process's bit for bit, and so do the kNN top-1 (advpt.training.monitor)."""
+    found = torch.load(probed / "monitor.pt")
+    assert found["two"] == found["one"], found
+    for two, one in zip(found["features_two"], found["features_one"], strict=True):
+        assert torch.equal(two, one)
+    assert len(found["features_one"][0]) == 45 and 0 < found["one"]["monitor/knn_top1"] <= 1
+
+
+def _collectives(probed: Path, mode: str) -> dict[str, float]:
+    """FSDP's all-gathers and reduce-scatters per optimiser step, the same on both processes."""
+    import json
+
+    counts = [json.loads((probed / f"{mode}{rank}.json").read_text()) for rank in (0, 1)]
+    assert counts[0] == counts[1] and counts[0]["steps"] == 3
+    return {k: v / 3 for k, v in counts[0].items() if k != "steps"}
+
+
+@pytest.mark.slow
+def test_under_fsdp_the_attack_gathers_each_group_once_and_reduces_nothing(probed: Path) -> None:
+    """Adversarial MAE (PGD-2) under FSDP: one all-gather per sharded group for the whole attack
+    (FSDP's hooks alone would gather every group in each of its 2 x K passes), and no reduce-scatter:
+    the attack computes input gradients only."""
+    from conftest import make_method
+
+    from advpt.training.sharding import blocks, networks
+
+    mae = make_method("mae")
+    groups = len(blocks(mae)) + len(list(networks(mae)))  # every group holds trainable weights
+    nominal = _collectives(probed, "fsdp_nominal")
+    attacked = _collectives(probed, "fsdp_attacked")
+    hooks = _collectives(probed, "fsdp_hooks_attacked")
+    assert nominal == {"all_gather": 2 * groups, "reduce_scatter": groups}  # forward + backward; gradients
+    assert attacked == {"all_gather": 3 * groups, "reduce_scatter": groups}
+    assert hooks == {"all_gather": (2 + 2 * 2) * groups, "reduce_scatter": groups}
+
+
+@pytest.mark.slow
+def test_under_fsdp_the_byol_target_is_the_ema_of_the_online_network_on_every_rank(probed: Path) -> None:
+    """Each process lerps its own shards of the target towards its shards of the online network:
+    gathered whole, the target after the last update is (1 - tau) online + tau target on both."""
+    found = [torch.load(probed / f"fsdp_byol{rank}.pt") for rank in (0, 1)]
+    for rank, seen in enumerate(found):
+        tau, before, after, online = seen["tau"], seen["before"], seen["after"], seen["online"]
+        assert 0 < tau < 1
+        weights = [k for k in after if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        assert any(k.startswith("projector") for k in weights) and any(
+            k.startswith("encoder") for k in weights
+        )
+        for k in weights:
+            expected = torch.lerp(before[k], online[k], 1.0 - tau)
+            torch.testing.assert_close(after[k], expected, rtol=0, atol=1e-6, msg=f"rank {rank}: {k}")
+        for k in weights:  # and both processes hold the same target (batch-norm statistics: see above)
+            assert torch.equal(after[k], found[0]["after"][k]), k
 
 
 @pytest.mark.slow

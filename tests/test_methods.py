@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -544,3 +545,41 @@ def test_the_registry_holds_every_named_method_in_the_names_order() -> None:
     from advpt.methods import METHODS
 
     assert tuple(METHODS) == names.METHODS
+
+
+@pytest.mark.parametrize("method", ["mae", "supervised"])
+def test_activation_checkpointing_recomputes_every_block_and_changes_no_adversarial_update(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``activation_checkpointing=true``: each block's forward with gradients (the K attack passes and
+    the training pass) is checkpointed, and two adversarial steps end at the same weights as without."""
+    import torch.utils.checkpoint
+    from conftest import run_cli
+    from safetensors.torch import load_file
+
+    from advpt.training.sharding import blocks
+
+    calls: list[int] = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
+    )
+    common = [
+        "pretrain",
+        f"method={method}",
+        "attack=l2",
+        "attack.steps=2",
+        "model=vit_micro",
+        "monitor=none",
+    ]
+    common += ["trainer.max_steps=2", "trainer.enable_progress_bar=false"]
+    for flag in ("false", "true"):
+        run = tmp_path / flag
+        assert run_cli([*common, f"activation_checkpointing={flag}", f"hydra.run.dir={run}"]) == 0
+        if flag == "false":
+            assert calls == []
+    depth = sum(any(p.requires_grad for p in b.parameters()) for b in blocks(make_method(method)))
+    assert len(calls) == 2 * (2 + 1) * depth  # steps x (attack passes + training pass) x trained blocks
+    plain, recomputed = (load_file(str(tmp_path / f / "encoder.safetensors")) for f in ("false", "true"))
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=0, msg=name)

@@ -65,6 +65,16 @@ def test_finetune_refuses_a_crafted_pretrained_checkpoint(suffix: str, tmp_path:
     assert not marker.exists() and not out.exists()
 
 
+@pytest.mark.parametrize("suffix", [".ckpt", ".pth"])
+def test_pretrain_refuses_a_crafted_init_checkpoint(suffix: str, tmp_path: Path, capsys) -> None:
+    marker, out = tmp_path / "marker", tmp_path / "run"
+    evil = crafted_checkpoint(tmp_path / f"evil{suffix}", marker)
+    assert run_cli(["pretrain", f"init={evil}", f"hydra.run.dir={out}"]) == 2
+    err = one_line(capsys)
+    assert f"init={evil}" in err and "Python objects beyond tensors" in err
+    assert not marker.exists() and not out.exists()
+
+
 def test_pretrain_refuses_a_crafted_resume_checkpoint(tmp_path: Path, capsys) -> None:
     marker, out = tmp_path / "marker", tmp_path / "run"
     evil = crafted_checkpoint(tmp_path / "evil.ckpt", marker)

@@ -406,6 +406,7 @@ def test_pretrain_finetune_evaluate_from_shards_with_a_corrupt_sample(tmp_path: 
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 def test_two_ddp_processes_train_from_shards(written: Path, tmp_path: Path) -> None:
     data = ["data=shards", f"data.root={written}", "data.shuffle_buffer=200"]
     ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=2"]

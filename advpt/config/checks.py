@@ -99,8 +99,14 @@ def check_arguments(command: str, cfg: DictConfig) -> None:
     Trainer argument names, that a resume file and ``latest`` exist. Fills in ``eps`` for pretrain."""
     if command == "pretrain":
         check_attack(cfg)
-        if not isinstance(cfg.get("compile", False), bool):
-            raise UserError(f"compile={cfg.compile} is invalid: expected true or false")
+        monitor = cfg.get("monitor") or {}
+        if monitor.get("attack") and monitor.attack.name not in names.NORMS:
+            raise UserError(
+                f"monitor.attack.name={monitor.attack.name} is invalid: choose one of {', '.join(names.NORMS)}"
+            )
+    for key in ("compile", "activation_checkpointing"):
+        if command in ("pretrain", "finetune") and not isinstance(cfg.get(key, False), bool):
+            raise UserError(f"{key}={cfg[key]} is invalid: expected true or false")
     for key, rule in RANGES.get(command, {}).items():
         check_range(cfg, key, rule)
     if command in ("pretrain", "finetune"):

@@ -80,17 +80,22 @@ def check_environment(trainer_cfg: DictConfig) -> None:
 
     import lightning as L
 
+    from advpt.training.sharding import strategy
+
     keys = ("accelerator", "devices", "num_nodes", "strategy", "precision", "sync_batchnorm")
     kwargs = {k: trainer_cfg[k] for k in keys if k in trainer_cfg}
+    shown = dict(kwargs)
     quiet = logging.getLogger("lightning.pytorch")
     level, quiet.level = quiet.level, logging.WARNING
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            probe = L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+            probe = L.Trainer(
+                **{**kwargs, "strategy": strategy(kwargs.get("strategy", "auto"))},
+                logger=False, enable_checkpointing=False, enable_progress_bar=False)
     except Exception as e:  # Lightning raises MisconfigurationException, ValueError, RuntimeError, ...
         text = " ".join(str(e).split()).split(". ")[0].rstrip(".")
-        settings = ", ".join(f"trainer.{k}={v}" for k, v in kwargs.items() if k != "sync_batchnorm")
+        settings = ", ".join(f"trainer.{k}={v}" for k, v in shown.items() if k != "sync_batchnorm")
         raise UserError(f"{settings} cannot run here: {text}; {_hardware()}") from None
     finally:
         quiet.level = level

@@ -147,6 +147,15 @@ RANGES: dict[str, dict[str, Range]] = {
         "method.mixup": NON_NEGATIVE,
         "method.cutmix": NON_NEGATIVE,
         "method.views.crop_scale": Range(0, 1, low_open=True, each=True),
+        # monitor=knn (advpt.training.monitor)
+        "monitor.every_n_epochs": COUNT,
+        "monitor.bank_size": OPTIONAL_COUNT,
+        "monitor.eval_size": OPTIONAL_COUNT,
+        "monitor.k": COUNT,
+        "monitor.temperature": POSITIVE,
+        "monitor.batch_size": COUNT,
+        "monitor.attack.eps": NON_NEGATIVE,
+        "monitor.attack.steps": COUNT,
     },
     "finetune": {
         **_TRAINING,

@@ -99,19 +99,26 @@ class ResumableData(L.LightningDataModule):
     """
 
     _train: DataLoader | None = None
+    _batch = 0
     _resume: tuple[int, int] | None = None
 
     def resumable_loader(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> DataLoader:
-        loader = train_loader(dataset, batch_size, seed, num_workers, self.trainer)
-        sampler = position(loader)
-        if self._resume is not None:
-            epoch, batches = self._resume
-            if batches >= len(loader):  # saved at the end of an epoch: the next one starts afresh
-                epoch, batches = epoch + 1, 0
-            sampler.epoch, sampler.skip = epoch, batches * batch_size
-            self._resume = None
-        self._train = loader
-        return loader
+        self._train, self._batch = (
+            train_loader(dataset, batch_size, seed, num_workers, self.trainer),
+            batch_size,
+        )
+        self._seek()
+        return self._train
+
+    def _seek(self) -> None:
+        """Start the training loader at the saved position, once."""
+        if self._resume is None or self._train is None:
+            return
+        sampler, epoch, batches = position(self._train), *self._resume
+        if batches >= len(self._train):  # saved at the end of an epoch: the next one starts afresh
+            epoch, batches = epoch + 1, 0
+        sampler.epoch, sampler.skip = epoch, batches * self._batch
+        self._resume = None
 
     def state_dict(self) -> dict[str, int]:
         if self._train is None or self.trainer is None:
@@ -126,6 +133,9 @@ class ResumableData(L.LightningDataModule):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state:
             self._resume = (int(state["epoch"]), int(state["batches"]))
+            # Under FSDP Lightning restores after the optimisers are configured, and the schedule's
+            # length (estimated_stepping_batches) has already built the loader: position it now.
+            self._seek()
 
 
 def position(loader: DataLoader) -> Any:

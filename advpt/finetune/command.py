@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -15,15 +16,19 @@ from advpt.finetune.pretrained import (
     architecture,
     load_backbone,
     load_encoder_state,
+    load_published,
     model_config,
+    published_model,
     resolve_pretrained,
 )
 from advpt.finetune.recipes import OPTIMIZERS, TRANSFORMS
 from advpt.launch import processes
 from advpt.models import timm_kwargs
+from advpt.published import is_published, resolve_source, shown_source
 from advpt.runs import number, read_record, shown, summary, write_record
 from advpt.training.harness import begin, build_trainer
 from advpt.training.harness import fit as fit_resumable
+from advpt.training.sharding import full_state
 
 SCRATCH_MODEL = "vit_mini_patch8_32"  # pretrained=none without model=: the CPU recipe's model
 
@@ -51,8 +56,13 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
         cfg.layer_decay = gamma
         optim.pop("layer_decay", None)
 
-        source = resolve_pretrained(cfg.pretrained)
         given = cfg.get("model")
+        if is_published(cfg.pretrained):  # an MAE release .pth or timm:NAME, loaded into model=
+            cfg.pretrained = resolve_source(cfg.pretrained, "pretrained")
+            cfg.model = published_model(cfg.pretrained, given)
+            check_run(cfg, touch_data)
+            return cfg
+        source = resolve_pretrained(cfg.pretrained)
         if source.path is None:
             model = OmegaConf.load(CONF_DIR / "model" / f"{SCRATCH_MODEL}.yaml") if given is None else given
             model = model_config(str(model.name), timm_kwargs(OmegaConf.to_container(model, resolve=True)))
@@ -72,12 +82,17 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
     return cfg
 
 
-def export_classifier(module: FineTuner, cfg: DictConfig, directory: Path) -> Path:
-    """``model.safetensors`` (timm state dict with head) and ``model.json``, the call that loads it."""
+def export_classifier(
+    module: FineTuner, cfg: DictConfig, directory: Path, state: dict[str, Any] | None = None
+) -> Path:
+    """``model.safetensors`` (timm state dict with head) and ``model.json``, the call that loads it.
+
+    ``state``: the classifier's whole state dict, gathered beforehand by every process of a sharded run.
+    """
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.vit.state_dict().items()}
+    state = full_state(module.vit) if state is None else state
     # drop_path_rate only acts in training: the description is of the architecture.
     kwargs = {k: v for k, v in module.net.kwargs.items() if k != "drop_path_rate"}
     spec = {
@@ -118,19 +133,25 @@ def fit(cfg: DictConfig, run_dir: Path) -> FineTuner | None:
         layer_decay=float(cfg.layer_decay),
         batch_size=int(cfg.data.batch_size),
         seed=int(cfg.seed),
+        activation_checkpointing=bool(cfg.activation_checkpointing),
     )
-    if cfg.pretrained != "none":
+    notes: list[str] = []
+    if is_published(cfg.pretrained):
+        notes = load_published(module.vit, cfg.pretrained, OmegaConf.to_container(cfg.model, resolve=True))
+    elif cfg.pretrained != "none":
         load_backbone(module.vit, load_encoder_state(Path(cfg.pretrained)))
     if rank_zero_only.rank == 0:
-        print(f"advpt finetune: {loaded(cfg)}", flush=True)
+        for line in [*notes, loaded(cfg)]:
+            print(f"advpt finetune: {line}", flush=True)
     trainer = build_trainer(cfg, run_dir)
     with processes(trainer, "finetune", run_dir):
         fit_resumable(trainer, module, data, cfg.resume)
         # A run that stops mid-epoch (max_steps) is still scored on its final weights.
         if data.val_source is not None and module.validated_at != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)
+        state = full_state(module.vit)  # every process, before they end: FSDP gathers the shards
     if trainer.is_global_zero:
-        export_classifier(module, cfg, run_dir)
+        export_classifier(module, cfg, run_dir, state)
         top1 = number(trainer.callback_metrics, "val/top1")
         write_record(run_dir, "finetune", trainer.global_step, val_top1=top1, pretrained=str(cfg.pretrained))
     return module
@@ -141,7 +162,7 @@ def loaded(cfg: DictConfig) -> str:
     model = f"{cfg.model.name}, {cfg.model.img_size} px, patch {cfg.model.patch_size}"
     if cfg.pretrained == "none":
         return f"no encoder loaded: training {model} from scratch (pretrained=none)"
-    return f"loaded encoder {shown(Path(cfg.pretrained))} ({model})"
+    return f"loaded encoder {shown_source(str(cfg.pretrained))} ({model})"
 
 
 def summarise(run_dir: Path) -> str:

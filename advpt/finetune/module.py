@@ -89,6 +89,7 @@ class FineTuner(L.LightningModule):
         layer_decay: float = 1.0,
         batch_size: int = 64,
         seed: int = 0,
+        activation_checkpointing: bool = False,
     ) -> None:
         from timm.data import Mixup
         from torchmetrics.classification import MulticlassAccuracy
@@ -113,6 +114,19 @@ class FineTuner(L.LightningModule):
         )
         self.val_top1 = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.validated_at: int | None = None
+        self.activation_checkpointing, self.sharded = bool(activation_checkpointing), False
+
+    def configure_model(self) -> None:
+        """``activation_checkpointing=true`` and ``trainer.strategy=fsdp`` (see advpt.training.sharding)."""
+        from advpt.training.sharding import checkpoint_activations, shard
+
+        if self.sharded:  # Lightning may call this hook again
+            return
+        if self.activation_checkpointing:
+            checkpoint_activations(self)
+        if self._device_mesh is not None:
+            shard(self, self._device_mesh["data_parallel"], str(self.trainer.precision))
+            self.sharded = True
 
     @property
     def vit(self) -> nn.Module:

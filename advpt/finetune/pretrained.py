@@ -2,6 +2,7 @@
 
 A pretrain run directory, its ``encoder.safetensors`` (+ ``encoder.json``) or ``checkpoints/last.ckpt``,
 ``latest`` or ``none``; every weight the ViT needs must be there with its shape, the head excepted.
+Weights made elsewhere (an MAE release ``.pth``, ``timm:NAME``) load into ``model=`` (advpt.published).
 """
 
 from __future__ import annotations
@@ -13,10 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from advpt.config import CONF_DIR
 from advpt.errors import UserError
 from advpt.models import timm_kwargs
+from advpt.published import (
+    TIMM,
+    check_encoder,
+    load_encoder,
+    meta_vit,
+    read_weights,
+    shown_source,
+    timm_model,
+)
 from advpt.trust import load_checkpoint, refuse_loading_kwargs
 
 # timm_kwargs() fills these from the model config; the rest of encoder.json's kwargs is model.kwargs.
@@ -143,8 +155,33 @@ def resolve_pretrained(value: Any) -> Pretrained:
         _check_matches(path, _safetensors_shapes(path), model)
         return Pretrained(path, model)
     raise UserError(
-        f"pretrained={text} is not a pretrain run directory, an encoder .safetensors or a Lightning .ckpt"
+        f"pretrained={text} is not a pretrain run directory, an encoder .safetensors or a Lightning .ckpt "
+        "(nor an MAE release .pth or timm:NAME)"
     )
+
+
+def published_model(source: str, given: Any) -> dict[str, Any]:
+    """The model that weights made elsewhere load into: ``model=`` (a ``.pth`` holds no architecture),
+    else ``timm:NAME``'s own; checked against their shapes (nothing downloaded)."""
+    encoder = read_weights(source, "pretrained", shapes_only=True).encoder  # a bad file: refused first
+    if given is not None:
+        model = OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else dict(given)
+    elif source.startswith(TIMM):
+        model = timm_model(source)
+    else:
+        options = ", ".join(sorted(p.stem for p in (CONF_DIR / "model").glob("vit_*.yaml")))
+        raise UserError(
+            f"pretrained={shown_source(source)} holds weights without their architecture: "
+            f"name it with model= (one of {options})"
+        )
+    model = model_config(model["name"], timm_kwargs(model))
+    check_encoder(encoder, meta_vit(model), model, "pretrained", source)
+    return model
+
+
+def load_published(vit: nn.Module, source: str, model: Mapping[str, Any]) -> list[str]:
+    """Load weights made elsewhere into ``vit`` (the head left fresh); returns what to say about it."""
+    return load_encoder([vit], read_weights(source, "pretrained").encoder, model, "pretrained", source)
 
 
 def load_encoder_state(path: Path) -> dict[str, Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,13 @@ from advpt.attacks import Attack, LossFn, frozen, pgd
 from advpt.data.module import seed_batch
 from advpt.files import atomic_path, write_json
 from advpt.models import Encoder
+from advpt.training.sharding import (
+    broadcast_batch_norm_statistics,
+    checkpoint_activations,
+    full_state,
+    gathered,
+    shard,
+)
 
 
 def effective_batch(module: L.LightningModule, batch_size: int) -> int:
@@ -65,6 +73,7 @@ class PretrainMethod(L.LightningModule):
         batch_size: int = 64,
         seed: int = 0,
         compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -75,13 +84,23 @@ class PretrainMethod(L.LightningModule):
         self.batch_size = batch_size
         self.seed = seed
         self.compile_blocks = compile
+        self.activation_checkpointing = activation_checkpointing
+        self.sharded = False
 
     def configure_model(self) -> None:
-        """``compile=true``: torch.compile every transformer block (encoder, MAE decoder, BYOL target).
+        """Shard (``trainer.strategy=fsdp``), checkpoint activations and compile the transformer blocks.
 
-        Blocks are compiled in place (``nn.Module.compile``), so parameter names, checkpoints and the
-        exported encoder are unchanged; the attack's loop and the methods' glue stay eager.
+        Each is done in place, so parameter names, checkpoints and the exported encoder are
+        unchanged. ``compile=true`` compiles every block (encoder, MAE decoder, BYOL target) with
+        ``nn.Module.compile``; the attack's loop and the methods' glue stay eager.
         """
+        if self.sharded:  # Lightning may call this hook again
+            return
+        if self.activation_checkpointing:
+            checkpoint_activations(self)
+        if self._device_mesh is not None:  # trainer.strategy=fsdp
+            shard(self, self._device_mesh["data_parallel"], str(self.trainer.precision))
+            self.sharded = True
         if self.compile_blocks:
             for module in self.modules():
                 if isinstance(module, Block):
@@ -89,12 +108,19 @@ class PretrainMethod(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_batch(self.seed, self.current_epoch, batch_idx, self.global_rank)
+        if self.sharded:
+            broadcast_batch_norm_statistics(self)
 
     # -- the attack -------------------------------------------------------------------------
     def attacked(self, loss_fn: LossFn, x: Tensor, support: Tensor | None = None) -> Tensor:
         """Return the input to train on: ``x`` itself (nominal) or ``x + PGD(loss_fn)``."""
         if self.attack is None:
             return x
+        with gathered(self) if self.sharded else contextlib.nullcontext():
+            return self._attacked(loss_fn, x, support)
+
+    def _attacked(self, loss_fn: LossFn, x: Tensor, support: Tensor | None) -> Tensor:
+        assert self.attack is not None
         delta = pgd(loss_fn, x, self.attack, model=self, support=support)
         self._example = (x[:8].detach(), delta[:8].detach())  # for the adversarial-example figure
         self.log("train/delta_norm", self.attack.threat.norm(delta.float()).mean(), batch_size=x.shape[0])
@@ -162,12 +188,19 @@ class PretrainMethod(L.LightningModule):
         """The encoder that pre-training hands on (a method with a weight average returns the average)."""
         return self.encoder
 
-    def export_encoder(self, directory: str | Path) -> Path:
-        """Write the encoder alone as a timm state dict plus the ``create_model`` call that loads it."""
+    def encoder_state(self) -> dict[str, Tensor]:
+        """The exported encoder's timm state dict, whole; under FSDP every process must call it."""
+        return full_state(self.exported_encoder().vit)
+
+    def export_encoder(self, directory: str | Path, state: dict[str, Tensor] | None = None) -> Path:
+        """Write the encoder alone as a timm state dict plus the ``create_model`` call that loads it.
+
+        ``state``: :meth:`encoder_state`, gathered beforehand by every process of a sharded run.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         encoder = self.exported_encoder()
-        state = {k: v.detach().cpu().contiguous() for k, v in encoder.vit.state_dict().items()}
+        state = full_state(encoder.vit) if state is None else state
         path = directory / "encoder.safetensors"
         kwargs = {k: v for k, v in encoder.kwargs.items() if k != "drop_path_rate"}
         # encoder.json first: the weights, written last, are what marks the run finished (advpt.runs)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from advpt.methods.base import PretrainMethod
 from advpt.models import mlp
+from advpt.training.sharding import local
 
 
 def byol_loss(prediction: Tensor, target_projection: Tensor) -> Tensor:
@@ -78,8 +79,9 @@ class BYOL(PretrainMethod):
             (self.encoder, self.target["encoder"]),
             (self.projector, self.target["projector"]),
         ):
-            o = [p.data for p in online.parameters()]
-            t = [p.data for p in target.parameters()]
+            # Under FSDP each process updates its own shard (online and target are sharded alike).
+            o = [local(p.data) for p in online.parameters()]
+            t = [local(p.data) for p in target.parameters()]
             torch._foreach_lerp_(t, o, 1.0 - tau)
             for ob, tb in zip(online.buffers(), target.buffers(), strict=True):
                 tb.copy_(ob)

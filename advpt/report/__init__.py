@@ -1,10 +1,11 @@
 """The ``report`` command: the paper's figures and tables from whatever evaluation runs it finds.
 
 ``fig1_eps.png``, ``fig2_variants.png``, ``fig3_layer_decay.png``, ``fig5_robust_vs_decay.png``,
-``table1_transfer.md`` / ``.csv``, each figure's numbers as CSV, and ``summary.md`` with every number
-behind them. Every number carries its sample size and a 95 % interval (:mod:`advpt.report.aggregate`);
-the paper's own values (``paper.json``) are shown beside ours where the grid matches. A figure whose
-runs are missing is skipped with a note. The figures and tables are listed, and built, in
+``table1_transfer.md`` / ``.csv``, ``knn_pretrain.png`` (the pre-training monitor's kNN top-1 against the
+epoch), each figure's numbers as CSV, and ``summary.md`` with every number behind them. Every number
+carries its sample size and a 95 % interval (:mod:`advpt.report.aggregate`); the paper's own values
+(``paper.json``) are shown beside ours where the grid matches. A figure whose runs are missing is
+skipped with a note. The figures and tables are listed, and built, in
 :mod:`advpt.report.sections`; this module writes each the same way.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 from advpt.errors import UserError
 from advpt.files import write_text
 from advpt.report.aggregate import headline_rows
-from advpt.report.collect import collect
+from advpt.report.collect import collect, knn_curves
 from advpt.report.sections import SECTIONS, Evidence, Section, table1_markdown
 from advpt.report.tables import write_csv
 
@@ -75,7 +76,8 @@ def build_report(
 
     rows = collect(roots, skip)
     headline, data = headline_rows(rows)
-    evidence = Evidence(rows, headline, paper_values() if paper else None)
+    curves = knn_curves(roots, [r["pretrain"] for r in rows])
+    evidence = Evidence(rows, headline, paper_values() if paper else None, curves)
     md = [
         "# advpt report",
         "",
@@ -85,10 +87,11 @@ def build_report(
     ]
     written: list[Path] = []
     if not headline:
-        skip("no evaluation runs found: nothing to draw (run advpt evaluate, or advpt study)")
+        skip("no evaluation runs found: none of the paper's figures (run advpt evaluate, or advpt study)")
     else:
         md += ["", f"Fine-tuning data of Fig. 1-3 and 5: `{data}` ({len(headline)} fine-tuned models)."]
-        for section in SECTIONS:
+    for section in SECTIONS:
+        if headline or not section.of_evaluations:
             files, lines = write_section(section, evidence, out, skip)
             written += files
             md += lines

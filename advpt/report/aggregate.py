@@ -345,3 +345,24 @@ def table1(rows: Sequence[Mapping[str, Any]], best: Mapping[tuple[str, str], Any
             }
         )
     return out
+
+
+def knn_curves(points: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The monitor's kNN top-1 per pre-training arm and epoch, averaged over its runs (seeds):
+    rows of (method, attack, radius, epoch, knn_top1, knn_robust_top1, runs), arms in the paper's order."""
+    groups: dict[tuple[Key, int], list[Mapping[str, Any]]] = defaultdict(list)
+    for p in points:
+        groups[(arm_of(p), p["epoch"])].append(p)
+    out = []
+    for (arm, epoch), group in sorted(groups.items(), key=lambda kv: (order(kv[0][0]), kv[0][1])):
+        robust = [p["knn_robust_top1"] for p in group if p.get("knn_robust_top1") is not None]
+        out.append(
+            {
+                **dict(zip(("method", "attack", "radius"), arm, strict=True)),
+                "epoch": epoch,
+                "knn_top1": mean(p["knn_top1"] for p in group),
+                "knn_robust_top1": mean(robust) if robust else None,
+                "runs": len(group),
+            }
+        )
+    return out

@@ -3,11 +3,13 @@
 An ``evaluate`` run's ``results.json`` names the fine-tuned weights it scored; the fine-tuning run's
 ``model.json`` names the encoder it started from (``pretrained``: null for a from-scratch model), its
 data, optimiser and layer decay; the pre-training run's ``config.yaml`` names the method, attack and
-radius. Each evaluation becomes one flat row. Nothing here imports torch.
+radius. Each evaluation becomes one flat row; each point of a pre-training run's kNN monitor
+(``metrics.csv``) one more. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable, Iterable
 from fractions import Fraction
@@ -146,4 +148,50 @@ def collect(roots: Iterable[Path | str], note: Note = lambda _m: None) -> list[d
             row = row_of(path, note)
             if row is not None:
                 rows.append(row)
+    return rows
+
+
+def knn_points(directory: Path) -> list[dict[str, Any]]:
+    """The monitor's points of a pre-training run (``monitor/knn_top1`` in its metrics.csv; [] if none):
+    epochs trained, clean and robust kNN top-1."""
+    try:
+        with (directory / "metrics.csv").open(newline="") as f:
+            logged = [r for r in csv.DictReader(f) if r.get("monitor/knn_top1")]
+    except OSError:
+        return []
+
+    def value(text: str | None) -> float | None:
+        return float(text) if text else None
+
+    return [
+        {
+            "epoch": int(float(r["epoch"])) + 1,
+            "knn_top1": float(r["monitor/knn_top1"]),
+            "knn_robust_top1": value(r.get("monitor/knn_robust_top1")),
+        }
+        for r in logged
+    ]
+
+
+def knn_curves(roots: Iterable[Path | str], pretrains: Iterable[str | None] = ()) -> list[dict[str, Any]]:
+    """One row per monitor point of every pre-training run under ``roots`` and of ``pretrains`` (the runs
+    the evaluations trace back to), labelled with the run's method, attack and radius."""
+    found = [
+        p.parent
+        for root in roots
+        if Path(root).expanduser().is_dir()
+        for p in sorted(Path(root).expanduser().glob("**/metrics.csv"))
+        if ".hydra" not in p.parts
+    ]
+    found += [Path(p) for p in pretrains if p]
+    rows, seen = [], set()
+    for directory in found:
+        if directory.resolve() in seen:
+            continue
+        seen.add(directory.resolve())
+        labels = pretrain_labels(directory)
+        if labels is None:  # not a pre-training run
+            continue
+        radius = radius_label(labels["attack"], labels["eps"])
+        rows += [{**labels, "radius": radius, **point} for point in knn_points(directory)]
     return rows

@@ -170,3 +170,26 @@ def fig5(points: Sequence[Mapping[str, Any]], path: Path) -> Path:
         y=1.03,
     )
     return _save(fig, path)
+
+
+def knn(curves: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Two panels (clean, robust): the pre-training monitor's kNN top-1 against the epoch, one curve per arm."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    arms = list(dict.fromkeys((c["method"], c["attack"], c["radius"]) for c in curves))
+    for ax, key, title in zip(axes, ("knn_top1", "knn_robust_top1"), ("clean", "robust (PGD)"), strict=True):
+        for arm in arms:
+            points = [
+                c for c in curves if (c["method"], c["attack"], c["radius"]) == arm and c[key] is not None
+            ]
+            if points:
+                runs = max(p["runs"] for p in points)
+                label = arm_label(*arm) + (f" ({runs} runs)" if runs > 1 else "")
+                ax.plot([p["epoch"] for p in points], [100 * p[key] for p in points], marker="o", label=label)
+        ax.set_xlabel("epochs trained")
+        ax.set_title(f"{title} kNN top-1", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("kNN top-1 % (k=20, evaluation split)")
+    axes[0].legend(loc="best", fontsize=8)
+    fig.suptitle("Learning during pre-training: weighted kNN on the encoder's features (monitor=knn)")
+    return _save(fig, path)

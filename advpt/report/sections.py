@@ -24,11 +24,13 @@ Row = Mapping[str, Any]
 @dataclass(frozen=True)
 class Evidence:
     """What every section reads: every evaluation row, the headline ones behind Fig. 1-3 and 5
-    (:func:`advpt.report.aggregate.headline_rows`), and the paper's values (``None``: left out)."""
+    (:func:`advpt.report.aggregate.headline_rows`), the paper's values (``None``: left out), and the
+    pre-training runs' kNN monitor points (:func:`advpt.report.collect.knn_curves`)."""
 
     rows: Sequence[Row]
     headline: Sequence[Row]
     paper: Mapping[str, Any] | None
+    curves: Sequence[Row] = ()
 
 
 @dataclass
@@ -46,13 +48,15 @@ class Part:
 @dataclass(frozen=True)
 class Section:
     """One figure or table: its short name (notes, image links), the stem of its files, its heading in
-    summary.md, how it is built, and the note when nothing can show it (``None``: it is left out silently)."""
+    summary.md, how it is built, the note when nothing can show it (``None``: it is left out silently),
+    and whether it shows evaluations (if not, it is built also when there are none)."""
 
     name: str
     stem: str
     heading: str
     build: Callable[[Evidence], Part | None]
     missing: str | None = None
+    of_evaluations: bool = True
 
 
 def _arm(row: Row) -> str:
@@ -197,6 +201,32 @@ def table1(ev: Evidence) -> Part | None:
     return Part(rows, lines, table=text)
 
 
+def knn(ev: Evidence) -> Part | None:
+    curves = agg.knn_curves(ev.curves)
+    if not curves:
+        return None
+    last = {(c["method"], c["attack"], c["radius"]): c for c in curves}  # each arm's final epoch
+    lines = [
+        "The pre-training monitor (`monitor=knn`): weighted kNN top-1 (k=20) of the encoder's features "
+        "on the evaluation split, clean and under PGD, at each arm's last monitored epoch:",
+        "",
+        md_table(
+            ["arm", "epochs", "kNN top-1 %", "robust kNN top-1 %", "runs"],
+            [
+                [
+                    _arm(c),
+                    c["epoch"],
+                    f"{100 * c['knn_top1']:.2f}",
+                    "-" if c["knn_robust_top1"] is None else f"{100 * c['knn_robust_top1']:.2f}",
+                    c["runs"],
+                ]
+                for c in last.values()
+            ],
+        ),
+    ]
+    return Part(curves, lines, draw=lambda path: plots.knn(curves, path))
+
+
 SECTIONS = (
     Section("fig1", "fig1_eps", "Fig. 1: average accuracy against the radius", fig1),
     Section(
@@ -222,8 +252,16 @@ SECTIONS = (
         "Table 1: transfer (test top-1 of the best radius of each method and attack)",
         table1,
     ),
+    Section(
+        "knn",
+        "knn_pretrain",
+        "Pre-training: kNN top-1 against the epoch",
+        knn,
+        missing="no pre-training run logged monitor/knn_top1 (pre-train with monitor=knn, the default)",
+        of_evaluations=False,
+    ),
 )
-"""The paper's figures and tables, in the order of the report."""
+"""The paper's figures and tables in the order of the report, then the pre-training monitor's curves."""
 
 
 # -- Table 1's layout ----------------------------------------------------------------------------

@@ -78,6 +78,13 @@ class LastCheckpoint(Callback):
         last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         if trainer.global_step % self.every_n_steps == 0:
             self.save(trainer, trainer.current_epoch + int(last))
+        # Several processes stop after the same step, as soon as any of them is told to: the signal
+        # reaches them at different moments, and under FSDP saving gathers from all of them
+        # (Lightning would stop each on its own signal, possibly a step apart).
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(
+            trainer.received_sigterm, all=False
+        ):
+            raise SIGTERMException()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer, trainer.current_epoch + 1)

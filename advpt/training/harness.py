@@ -16,6 +16,7 @@ from advpt.data.skipped_metric import SkippedSamples
 from advpt.resume import finished_message, read_progress, resolve_resume
 from advpt.runs import shown
 from advpt.training.callbacks import ExampleImages, FinalStepMetrics, ImagesPerSecond, LastCheckpoint
+from advpt.training.monitor import monitor_callbacks
 
 
 def begin(cfg: DictConfig, run_dir: Path, command: str) -> bool:
@@ -124,6 +125,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         kwargs["log_every_n_steps"] = min(
             int(kwargs.get("log_every_n_steps") or 50), int(kwargs["max_steps"])
         )
+    from advpt.training.sharding import strategy
+
+    kwargs["strategy"] = strategy(kwargs.get("strategy", "auto"))  # fsdp: FSDP2
     plugins = []
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -141,6 +145,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
             ExampleImages(),
             FinalStepMetrics(),
             SkippedSamples(),
+            *monitor_callbacks(cfg),  # pretrain's kNN monitor (monitor=knn); fine-tuning has none
         ],
     )
 
