@@ -79,12 +79,13 @@ def sharded_bytes(method: str, model: dict, world: int) -> tuple[int, int]:
         dist.destroy_process_group()
 
 
-def peak(method: str, model: dict, batch: int, checkpointing: bool) -> float:
-    """GiB at the peak of one adversarial (PGD-2, l2) bf16-autocast step of AdamW on one GPU."""
+def adversarial_step(
+    method: str, model: dict, batch: int, checkpointing: bool, device: str
+) -> torch.nn.Module:
+    """One adversarial (PGD-2, l2) bf16-autocast training step with AdamW; the module it trained."""
     from advpt.methods import METHODS
 
     cfg = yaml.safe_load((ROOT / "conf" / "method" / f"{method}.yaml").read_text())
-    torch.cuda.empty_cache()
     module = METHODS[method](
         model=model,
         method={**cfg, "mixup": 0.0, "cutmix": 0.0},
@@ -93,20 +94,26 @@ def peak(method: str, model: dict, batch: int, checkpointing: bool) -> float:
         activation_checkpointing=checkpointing,
     )
     module.configure_model()
-    module.cuda().train()
+    module.to(device).train()
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     size = model["img_size"]
-    views = [torch.rand(batch, 3, size, size, device="cuda") for _ in range(2 if method == "byol" else 1)]
-    labels = torch.randint(0, 1000, (batch,), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-    with torch.autocast("cuda", torch.bfloat16):
+    views = [torch.rand(batch, 3, size, size, device=device) for _ in range(2 if method == "byol" else 1)]
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    with torch.autocast(torch.device(device).type, torch.bfloat16):
         loss = module.training_step((views, labels), 0)
     loss.backward()
     optimizer.step()
+    return module
+
+
+def peak(method: str, model: dict, batch: int, checkpointing: bool) -> float:
+    """GiB at the peak of :func:`adversarial_step` on the GPU."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    module = adversarial_step(method, model, batch, checkpointing, "cuda")
     torch.cuda.synchronize()
-    found = torch.cuda.max_memory_allocated() / 2**30
-    del module, optimizer, loss
-    return found
+    del module
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> None:

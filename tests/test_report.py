@@ -7,11 +7,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from advpt.report import aggregate as agg
-from advpt.report import build_report, paper_values, table1_markdown
+from advpt.report import build_report, intervals, paper_values, table1_markdown
 from advpt.report.collect import collect, radius_label, radius_value
 
 
@@ -76,14 +77,16 @@ def test_wilson_interval_matches_the_closed_form() -> None:
 
     for k, n in ((32, 64), (7, 64), (355, 360)):
         ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-        assert agg.wilson(k / n, n) == pytest.approx((ref.low, ref.high), abs=2e-4)  # z = 1.96 vs 1.95996
-    lo, hi = agg.wilson(1.0, 360)
+        assert intervals.wilson(k / n, n) == pytest.approx(
+            (ref.low, ref.high), abs=2e-4
+        )  # z = 1.96 vs 1.95996
+    lo, hi = intervals.wilson(1.0, 360)
     assert hi == 1.0 and lo == pytest.approx(360 / (360 + 1.96**2), abs=1e-9)
 
 
 def test_seeds_average_and_their_spread_widens_the_interval() -> None:
-    one = agg.accuracy([(0.8, 1000)])
-    two = agg.accuracy([(0.8, 1000), (0.9, 1000)])
+    one = intervals.accuracy([(0.8, 1000)])
+    two = intervals.accuracy([(0.8, 1000), (0.9, 1000)])
     assert two.mean == pytest.approx(0.85) and two.seeds == 2
     sampling = (0.8 * 0.2 / 1000 + 0.9 * 0.1 / 1000) / 4
     spread = 0.005 / 2  # sample variance of (0.8, 0.9), over 2 seeds
@@ -248,7 +251,7 @@ def test_paper_table1_averages_are_the_means_of_its_datasets() -> None:
 
 
 def test_table1_markdown_lays_out_datasets_by_arms_with_the_average() -> None:
-    est = lambda p: agg.accuracy([(p, 1000)])  # noqa: E731
+    est = lambda p: intervals.accuracy([(p, 1000)])  # noqa: E731
     cells = [
         {
             "data": d,
@@ -287,3 +290,89 @@ def test_report_command_needs_at_least_one_existing_folder(tmp_path: Path) -> No
     with pytest.raises(UserError, match="does not exist"):
         check(OmegaConf.create({"runs": [str(tmp_path / "a"), str(tmp_path / "b")]}))
     check(OmegaConf.create({"runs": [str(tmp_path), str(tmp_path / "b")]}))  # the missing one: a note later
+
+
+# -- paired differences: evaluations that wrote outcomes.npz -----------------------------------------
+def chain_with_outcomes(
+    root: Path,
+    name: str,
+    method: str,
+    attack: str,
+    eps: float | str,
+    skill: float,
+    difficulty: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    decay: float = 0.85,
+    outcomes: bool = True,
+    ids_from: int = 0,
+    optim: str = "adamw_lld",
+) -> Path:
+    """An evaluation whose outcomes.npz agrees with its results.json: an image is right when its shared
+    difficulty (plus a little noise of this model's own) is below ``skill``, so arms are correlated.
+    With an ``optim`` other than AdamW, a transfer run: its test split only."""
+    from advpt.outcomes import Outcomes, write_outcomes
+
+    if optim != "adamw_lld":
+        difficulty = {"builtin": difficulty["builtin"]}
+    right = {k: d + 0.1 * rng.standard_normal(len(d)) < skill for k, d in difficulty.items()}
+    subsets = [right[k].mean() for k in right if k.startswith("corruptions/")]
+    sets = {"builtin": (right["builtin"].mean(), 120)}
+    if subsets:
+        sets["corruptions"] = (sum(subsets) / len(subsets), 80)
+    robust = {"l2": {"0.5": (right["robust/l2/0.5"].mean(), 64)}} if "robust/l2/0.5" in right else None
+    ev = make_chain(root, name, method, attack, eps, sets, decay, optim=optim, robust=robust)
+    if outcomes:
+        per_key = {k: Outcomes(v, np.arange(ids_from, ids_from + len(v))) for k, v in right.items()}
+        write_outcomes(ev / "outcomes.npz", per_key, "auto|builtin|seed=0")
+    return ev
+
+
+def test_report_pairs_evaluations_that_share_outcomes_and_falls_back_for_the_others(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    difficulty = {
+        "builtin": rng.random(120),
+        "corruptions/fog/1": rng.random(40),
+        "corruptions/fog/2": rng.random(40),
+    }
+    difficulty["robust/l2/0.5"] = rng.random(64)
+    runs = tmp_path / "runs"
+    chain_with_outcomes(runs, "scratch", "scratch", "none", 0, 0.6, difficulty, rng, decay=1.0)
+    chain_with_outcomes(runs, "mae-none", "mae", "none", 0, 0.65, difficulty, rng)
+    for decay, skill in ((0.65, 0.7), (0.85, 0.75)):
+        chain_with_outcomes(runs, "mae-l2", "mae", "l2", 0.5, skill, difficulty, rng, decay=decay)
+    chain_with_outcomes(runs, "mae-l2", "mae", "l2", 0.5, 0.6, difficulty, rng, optim="sgd_transfer")
+    rotnet = chain_with_outcomes(runs, "rotnet", "rotnet", "none", 0, 0.7, difficulty, rng, outcomes=False)
+    byol = chain_with_outcomes(runs, "byol", "byol", "none", 0, 0.7, difficulty, rng, ids_from=1000)
+
+    main, _ = agg.headline_rows(collect([runs]))
+    table, base = agg.fig1(main)
+    by_arm = {r["method"] + "-" + r["attack"]: r for r in table}
+    gain = by_arm["mae-l2"]["minus_scratch"]
+    unpaired = intervals.difference(by_arm["mae-l2"]["average"], base)
+    assert gain.interval == "paired" and gain.p is None  # two sets: the bootstrap alone
+    assert gain.mean == pytest.approx(unpaired.mean, abs=1e-12)
+    assert gain.half < 0.8 * unpaired.half  # correlated arms: the paired interval is narrower
+    assert by_arm["mae-l2"]["minus_nominal"].interval == "paired"
+    lacking = by_arm["rotnet-none"]["minus_scratch"]
+    assert lacking.interval == "unpaired" and lacking.fallback == f"{rotnet} has no readable outcomes.npz"
+    other = by_arm["byol-none"]["minus_scratch"]
+    assert other.interval == "unpaired" and "scored different images" in other.fallback
+    assert str(byol) in other.fallback
+
+    # one set of one seed per arm (l2 robust accuracy, γ 0.85 against 0.65): McNemar's p comes with it
+    (point,) = [p for p in agg.fig5(main) if p["layer_decay"] == 0.85]
+    assert point["minus_smallest_decay"].interval == "paired" and point["minus_smallest_decay"].p is not None
+
+    # Table 1: SGD against AdamW on the test split, one set of one seed each
+    (sgd,) = [c for c in agg.table1(collect([runs]), agg.best_by_arm(main)) if c["optim"] == "sgd_transfer"]
+    assert sgd["minus_adamw_lld"].interval == "paired" and sgd["minus_adamw_lld"].p is not None
+
+    notes: list[str] = []
+    build_report([runs], tmp_path / "report", note=notes.append)
+    assert f"fig1: unpaired interval: {rotnet} has no readable outcomes.npz" in notes
+    assert any(n.startswith("fig1: unpaired interval:") and "different images" in n for n in notes)
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert " paired" in summary and " unpaired" in summary and "McNemar p=" in summary
+    assert "Each other optimiser against adamw_lld" in summary
+    fig1 = list(csv.DictReader((tmp_path / "report" / "fig1_eps.csv").read_text().splitlines()))
+    assert {r["minus_scratch_interval"] for r in fig1} == {"paired", "unpaired"}

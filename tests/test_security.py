@@ -187,6 +187,24 @@ def test_report_skips_a_crafted_run_folder_and_never_runs_its_code(tmp_path: Pat
     assert not marker.exists()
 
 
+def test_a_crafted_outcomes_file_is_read_as_absent_and_never_runs_its_code(tmp_path: Path) -> None:
+    import numpy as np
+
+    from advpt.outcomes import read_outcomes
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "outcomes.npz"
+    np.savez(
+        path,
+        builtin=np.array([_Touch(marker)], dtype=object),  # a pickle: would create marker if unpickled
+        _keys=np.array(["builtin"]),
+        _ids_of=np.array([0]),
+        **{"_ids/0": np.array([0]), "_split": np.array("auto|builtin|seed=0")},
+    )
+    assert read_outcomes(path) is None  # np.load(allow_pickle=False): the report falls back to unpaired
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 def test_study_over_a_folder_with_crafted_checkpoints_runs_none_of_them(tmp_path: Path) -> None:
     # A study folder from elsewhere whose pre-training arms stopped half-way: each arm resumes from a

@@ -69,3 +69,13 @@ def test_every_parameter_of_every_method_is_sharded() -> None:
             assert encoders and all(isinstance(e, FSDPModule) for e in encoders), name
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["mae", "byol"])
+def test_the_memory_benchmarks_adversarial_step_trains(memory, method) -> None:
+    """``benchmarks/memory.py --peak`` measures this step on a GPU; here it runs on the CPU and updates."""
+    model = yaml.safe_load((ROOT / "conf" / "model" / "vit_micro.yaml").read_text())
+    module = memory.adversarial_step(method, model, batch=4, checkpointing=True, device="cpu")
+    trained = [p for p in module.parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in trained)
+    assert any(p.grad.abs().sum() > 0 for p in trained)

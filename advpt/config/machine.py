@@ -92,7 +92,10 @@ def check_environment(trainer_cfg: DictConfig) -> None:
             warnings.simplefilter("ignore")
             probe = L.Trainer(
                 **{**kwargs, "strategy": strategy(kwargs.get("strategy", "auto"))},
-                logger=False, enable_checkpointing=False, enable_progress_bar=False)
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+            )
     except Exception as e:  # Lightning raises MisconfigurationException, ValueError, RuntimeError, ...
         text = " ".join(str(e).split()).split(". ")[0].rstrip(".")
         settings = ", ".join(f"trainer.{k}={v}" for k, v in shown.items() if k != "sync_batchnorm")

@@ -26,6 +26,10 @@ failures), so robust accuracy is over all attacked images.
                        AutoAttack's "version", "attacks", "target_classes"},
      "warnings": [...], "config": {...}}
 
+Beside it, ``outcomes.npz`` (:mod:`advpt.outcomes`, written first): per set, corruption subset and radius,
+which images the model got right, with the images' indices in their split, so that two models scored on
+the same images can be compared image by image (``advpt report``'s paired differences).
+
 ``checkpoint``: find and load the classifier; ``suites``: which sets; ``scoring``: clean top-1;
 ``robust``: robust accuracy under PGD, ``autoattack``: under AutoAttack; ``table``: grouping, the
 average, the text table, ``results.json``; ``command``: check, evaluate, run.
@@ -37,10 +41,11 @@ from advpt.evaluate.robust import (
     ATTACKS,
     RobustSpec,
     robust_accuracy,
+    robust_outcomes,
     robust_results,
     robust_specs,
 )
-from advpt.evaluate.scoring import PRECISIONS, Score, clean_score
+from advpt.evaluate.scoring import PRECISIONS, Numbered, Score, clean_outcomes, clean_score
 from advpt.evaluate.suites import (
     CORRUPTIONS_GROUP,
     IMAGENET_SETS,
@@ -59,6 +64,7 @@ __all__ = [
     "CORRUPTIONS_GROUP",
     "IMAGENET_SETS",
     "PRECISIONS",
+    "Numbered",
     "SUITES",
     "RobustSpec",
     "Score",
@@ -66,6 +72,7 @@ __all__ = [
     "auto_sets",
     "capped",
     "check",
+    "clean_outcomes",
     "clean_score",
     "data_config",
     "evaluate",
@@ -76,6 +83,7 @@ __all__ = [
     "read_spec",
     "resolve_checkpoint",
     "robust_accuracy",
+    "robust_outcomes",
     "robust_results",
     "robust_specs",
     "run",

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from advpt.attacks import Attack
 from advpt.errors import UserError
-from advpt.evaluate.scoring import Score, autocast, device_of
+from advpt.evaluate.scoring import Score, autocast, device_of, joined, score_of, split_batch
+from advpt.outcomes import Outcomes
 
 PACKAGE = "pyautoattack"
 MISSING = (
@@ -102,36 +103,37 @@ def _checks_to(warn: Callable[[str], None] | None) -> Iterator[None]:
         logger.propagate = propagate
 
 
-def autoattack_accuracy(
+def autoattack_outcomes(
     model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[Sequence[Any]],
     attacks: Sequence[Attack],
     num_classes: int,
     seed: int = 0,
     dtype: torch.dtype | None = None,
     warn: Callable[[str], None] | None = None,
-) -> list[Score]:
-    """Per radius (``attacks`` give norm and eps): how many examples survive standard AutoAttack.
+) -> list[Outcomes]:
+    """Per radius (``attacks`` give norm and eps) and example: whether it survives standard AutoAttack.
 
-    As with PGD, clean mistakes count as failures, so each ``top1`` is over all examples seen.
+    As with PGD, clean mistakes count as failures. ``batches`` are ``(x, y)`` or ``(x, y, ids)``.
     """
     try:
         from pyautoattack import AutoAttack
     except ImportError:
         raise UserError(MISSING) from None
-
     device = device_of(model)
     logits = _Logits(model, dtype).eval()
     targets = min(TARGETS, num_classes - 1)
-    correct, images = [0] * len(attacks), 0
+    correct: list[list[Any]] = [[] for _ in attacks]
+    ids: list[Any] = []
     with _checks_to(warn):
-        for x, y in batches:
+        for batch in batches:
+            x, y, index = split_batch(batch, sum(len(i) for i in ids))
             x, y = x.to(device), y.to(device)
-            images += len(y)
+            ids.append(index)
             for i, attack in enumerate(attacks):
                 if attack.eps == 0:  # nothing to search: the clean prediction
                     with torch.inference_mode():
-                        correct[i] += int((logits(x).argmax(-1) == y).sum())
+                        correct[i].append((logits(x).argmax(-1) == y).cpu().numpy())
                     continue
                 adversary = AutoAttack(
                     logits,
@@ -145,5 +147,18 @@ def autoattack_accuracy(
                 adversary.attacks_to_run = attacks_run(num_classes)
                 x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
                 with torch.inference_mode():
-                    correct[i] += int((logits(x_adv).argmax(-1) == y).sum())
-    return [Score(c, images) for c in correct]
+                    correct[i].append((logits(x_adv).argmax(-1) == y).cpu().numpy())
+    return joined(correct, ids)
+
+
+def autoattack_accuracy(
+    model: nn.Module,
+    batches: Iterable[Sequence[Any]],
+    attacks: Sequence[Attack],
+    num_classes: int,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> list[Score]:
+    """Per radius: how many examples survive standard AutoAttack (each ``top1`` over all examples seen)."""
+    return [score_of(o) for o in autoattack_outcomes(model, batches, attacks, num_classes, seed, dtype, warn)]

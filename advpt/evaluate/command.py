@@ -18,7 +18,7 @@ from advpt.data.variants import EvalSet
 from advpt.errors import UserError
 from advpt.evaluate.checkpoint import image_size, load_classifier, read_spec, resolve_checkpoint
 from advpt.evaluate.robust import robust_results, robust_specs
-from advpt.evaluate.scoring import PRECISIONS, Score, clean_score
+from advpt.evaluate.scoring import PRECISIONS, Numbered, Score, clean_outcomes, score_of
 from advpt.evaluate.suites import (
     CORRUPTIONS_GROUP,
     IMAGENET_SETS,
@@ -31,6 +31,8 @@ from advpt.evaluate.suites import (
 )
 from advpt.evaluate.table import format_table, summarise
 from advpt.files import write_json
+from advpt.outcomes import FILE as OUTCOMES
+from advpt.outcomes import Outcomes, write_outcomes
 from advpt.runs import shown, summary
 
 
@@ -111,7 +113,8 @@ def _warn_stderr(message: str) -> None:
 
 
 def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[str, Any]:
-    """Run the configured suite and robust evaluation; write ``out_dir/results.json``; return its content."""
+    """Run the configured suite and robust evaluation; write ``out_dir/outcomes.npz`` (which images each
+    set and radius got right, :mod:`advpt.outcomes`), then ``out_dir/results.json``; return its content."""
     from tqdm.auto import tqdm
 
     cfg = check(cfg, touch_data=False)
@@ -129,12 +132,15 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
 
     if cfg.suite == "imagenet_variants":
         sets = imagenet_sets(Path(str(cfg.root)).expanduser(), size, float(cfg.crop_pct), note)
+        split = f"imagenet_variants|seed={seed}"  # what outcomes.npz's image indices index
         expected: Sequence[str] = IMAGENET_SETS
         robust_set = next((s for s in sets if s.name == "imagenet_val"), None)
         if robust_set is None and cfg.robust.enabled:
             note("robust accuracy: skipped, it is measured on imagenet_val, which was not found")
     else:
-        sets = auto_sets(data_config(spec, cfg.data_root), size, seed, bool(cfg.corruptions))
+        source = data_config(spec, cfg.data_root)
+        sets = auto_sets(source, size, seed, bool(cfg.corruptions))
+        split = f"auto|{source['name']}|seed={seed}"  # the seed draws the subsets and the corruptions
         expected = (sets[0].name, CORRUPTIONS_GROUP)
         robust_set = sets[0]
 
@@ -158,16 +164,18 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
         return min(given) if given else None
 
     scores: dict[str, Score] = {}
+    outcomes: dict[str, Outcomes] = {}  # per image, traced to its index in the split (Numbered)
     skipped: dict[str, int] = {}  # unreadable or incomplete samples per group of sets
     for s in tqdm(sets, desc="evaluate", unit="set", disable=None, file=sys.stderr):
         # reads of unreadable images; samples a shard holds incompletely once, with the first set
         before = unreadable(s.dataset) - (incomplete(s.dataset) if s is sets[0] else 0)
-        score = clean_score(model, s, loader(capped(s.dataset, cap(s), seed)), dtype)
+        got = clean_outcomes(model, s, loader(capped(Numbered(s.dataset), cap(s), seed)), dtype)
+        score = score_of(got)
         skipped[s.group] = skipped.get(s.group, 0) + unreadable(s.dataset) - before
         if score.images == 0:
             note(f"{s.name}: skipped, no image with a label to score")
             continue
-        scores[s.name] = score
+        scores[s.name], outcomes[s.name] = score, got
     for group, n in skipped.items():
         if n:
             note(f"{group}: {n} unreadable or incomplete image{'s' if n != 1 else ''} skipped")
@@ -178,7 +186,7 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
     if cfg.robust.enabled and robust_set is not None:
         specs = robust_specs(cfg.robust, size)
         torch.manual_seed(seed)  # the attacks' random starts
-        batches = loader(capped(robust_set.dataset, cfg.robust.max_images, seed))
+        batches = loader(capped(Numbered(robust_set.dataset), cfg.robust.max_images, seed))
         robust, robust_attack = robust_results(
             model,
             batches,
@@ -188,6 +196,7 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
             seed=seed,
             dtype=dtype,
             warn=note,
+            outcomes=outcomes,
         )
 
     results = {
@@ -200,10 +209,13 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
         "robust_set": robust_set.name if robust else None,
         "robust": robust,
         "robust_attack": robust_attack if robust else None,
+        "outcomes": OUTCOMES,
         "warnings": warnings,
         "config": OmegaConf.to_container(cfg, resolve=False),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the images behind every number: written first, so that a finished evaluation (results.json) has both
+    write_outcomes(out_dir / OUTCOMES, outcomes, split)
     write_json(out_dir / "results.json", results)
     return results
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,28 +20,30 @@ from torch import Tensor, nn
 from advpt.attacks import Attack, pgd
 from advpt.config import parse_number, positive_int
 from advpt.errors import UserError
-from advpt.evaluate.scoring import Score, autocast, device_of
+from advpt.evaluate.scoring import Score, autocast, device_of, joined, score_of, split_batch
+from advpt.outcomes import Outcomes
 
 ATTACKS = ("pgd", "autoattack")
 
 
-def robust_accuracy(
+def robust_outcomes(
     model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[Sequence[Any]],
     attacks: Sequence[Attack],
     dtype: torch.dtype | None = None,
-) -> list[Score]:
-    """Per attack: how many examples ``model`` still classifies correctly after PGD on the cross-entropy.
+) -> list[Outcomes]:
+    """Per attack and example: whether ``model`` still classifies it correctly after PGD on the cross-entropy.
 
-    ``model`` maps [0,1] pixels to logits; every example is attacked (clean mistakes stay mistakes), so
-    each score's ``top1`` is the robust accuracy over all examples seen.
+    ``model`` maps [0,1] pixels to logits; ``batches`` are ``(x, y)`` or ``(x, y, ids)`` (see
+    :func:`advpt.evaluate.scoring.split_batch`). Every example is attacked (clean mistakes stay mistakes).
     """
     device = device_of(model)
-    correct = [0] * len(attacks)
-    images = 0
-    for x, y in batches:
+    correct: list[list[np.ndarray]] = [[] for _ in attacks]
+    ids: list[np.ndarray] = []
+    for batch in batches:
+        x, y, index = split_batch(batch, sum(len(i) for i in ids))
         x, y = x.to(device), y.to(device)
-        images += len(y)
+        ids.append(index)
 
         def loss_fn(x_adv: Tensor, y: Tensor = y) -> Tensor:
             with autocast(device, dtype):
@@ -50,8 +53,19 @@ def robust_accuracy(
         for i, attack in enumerate(attacks):
             delta = pgd(loss_fn, x, attack, model=model)
             with torch.inference_mode(), autocast(device, dtype):
-                correct[i] += int((model(x + delta).argmax(-1) == y).sum())
-    return [Score(c, images) for c in correct]
+                correct[i].append((model(x + delta).argmax(-1) == y).cpu().numpy())
+    return joined(correct, ids)
+
+
+def robust_accuracy(
+    model: nn.Module,
+    batches: Iterable[Sequence[Any]],
+    attacks: Sequence[Attack],
+    dtype: torch.dtype | None = None,
+) -> list[Score]:
+    """Per attack: how many examples ``model`` still classifies correctly after PGD on the cross-entropy;
+    each score's ``top1`` is the robust accuracy over all examples seen."""
+    return [score_of(o) for o in robust_outcomes(model, batches, attacks, dtype)]
 
 
 @dataclass(frozen=True)
@@ -113,30 +127,33 @@ def robust_specs(robust: Mapping[str, Any], size: int) -> list[RobustSpec]:
 
 def robust_results(
     model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[Sequence[Any]],
     specs: Sequence[RobustSpec],
     attack: str = "pgd",
     num_classes: int = 0,
     seed: int = 0,
     dtype: torch.dtype | None = None,
     warn: Callable[[str], None] | None = None,
+    outcomes: dict[str, Outcomes] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """``results.json``'s ``robust`` (norm -> radius -> accuracy, images, eps, the attack's settings)
-    and ``robust_attack`` (which attack produced them), under PGD or AutoAttack."""
+    and ``robust_attack`` (which attack produced them), under PGD or AutoAttack. ``outcomes``, when
+    given, receives each radius's per-image outcomes under ``robust/<norm>/<radius as written>``."""
     attacks = [s.attack for s in specs]
     if attack == "autoattack":
-        from advpt.evaluate.autoattack import autoattack_accuracy, describe
+        from advpt.evaluate.autoattack import autoattack_outcomes, describe
 
-        scores = autoattack_accuracy(model, batches, attacks, num_classes, seed, dtype, warn)
+        per_image = autoattack_outcomes(model, batches, attacks, num_classes, seed, dtype, warn)
         record = describe(num_classes)
         settings: list[dict[str, Any]] = [{} for _ in attacks]
     else:
-        scores = robust_accuracy(model, batches, attacks, dtype)
+        per_image = robust_outcomes(model, batches, attacks, dtype)
         record = {"name": "pgd", "implementation": "advpt.attacks"}
         record |= {"steps": attacks[0].steps, "restarts": attacks[0].restarts} if attacks else {}
         settings = [{"steps": a.steps, "restarts": a.restarts, "step_size": a.alpha} for a in attacks]
     table: dict[str, dict[str, Any]] = {}
-    for spec, score, extra in zip(specs, scores, settings, strict=True):
+    for spec, got, extra in zip(specs, per_image, settings, strict=True):
+        score = score_of(got)
         table.setdefault(spec.norm, {})[spec.radius] = {
             "accuracy": score.top1 if score.images else None,
             "images": score.images,
@@ -144,4 +161,6 @@ def robust_results(
             "attack": attack,
             **extra,
         }
+        if outcomes is not None:
+            outcomes[f"robust/{spec.norm}/{spec.radius}"] = got
     return table, record

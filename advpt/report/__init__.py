@@ -31,7 +31,11 @@ READING = (
     "Top-1 in percent with its 95 % interval: `m [lo, hi]` (Wilson, for one accuracy of one seed) or "
     "`m ± half-width` (otherwise: a "
     "normal interval adding test-set sampling and, with several seeds, the spread between seeds; "
-    "`n` = images behind each number). Gaps smaller than both intervals are not evidence of a difference."
+    "`n` = images behind each number). A difference between two arms, in points, says which interval it "
+    "has: `paired` (both arms scored on the same images, `outcomes.npz`: a bootstrap over images, "
+    "stratified by set, and over seeds when there are several; with McNemar's exact p-value for one set "
+    "of one seed) or `unpaired` (the two arms' intervals combined as if independent: wider, used where "
+    "no outcomes exist). A difference whose interval holds 0 is not evidence of one."
 )
 """How to read the report's numbers: summary.md's first paragraph."""
 

@@ -1,98 +1,27 @@
 """From evaluation rows to the numbers behind each figure, with sample sizes and 95 % intervals.
 
-Uncertainty. One accuracy on ``n`` images, from one seed, gets the Wilson interval. Anything built from
-several numbers (a mean over seeds, an average over evaluation sets, a difference from the scratch
-model) gets a normal interval, 1.96 standard errors, whose variance adds the test-set sampling
-(binomial, p(1-p)/n per set) and, with two seeds or more, the spread between seeds (s^2/k). Sets are
-treated as independent; so are the two arms of a difference. These intervals say which gaps between
-arms are larger than the evaluation noise at the sample sizes used; they are not corrected for the
-number of comparisons, nor for picking the best radius or layer decay on the same test sets.
+Each number carries its interval (:mod:`advpt.report.intervals`: Wilson for one accuracy of one seed,
+else a normal interval adding test-set sampling and the spread between seeds). Each difference between
+two arms (pre-trained − scratch, adversarial − nominal, one layer decay against another, SGD against
+AdamW) is paired on the images both arms saw where their evaluations wrote per-image outcomes, else
+unpaired (:mod:`advpt.report.differences`). These intervals say which gaps between arms are larger than
+the evaluation noise at the sample sizes used; they are not corrected for the number of comparisons,
+nor for picking the best radius or layer decay on the same test sets.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from statistics import mean, variance
+from statistics import mean
 from typing import Any
 
 from advpt.names import ATTACKS, METHOD_LABEL
 from advpt.report.collect import radius_value
+from advpt.report.differences import AVERAGE, compare
+from advpt.report.intervals import Estimate, accuracy, average_of
 
-Z = 1.96
 METHOD_ORDER = tuple(METHOD_LABEL)  # the paper's order: Sup-PT, RotNet, MAE, BYOL
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A mean with its 95 % interval, the images behind each seed's number and the number of seeds."""
-
-    mean: float
-    lo: float
-    hi: float
-    images: int
-    seeds: int
-
-    @property
-    def half(self) -> float:
-        return (self.hi - self.lo) / 2
-
-    def pct(self) -> str:
-        """In percent: ``m ± h`` for a symmetric interval, ``m [lo, hi]`` for an asymmetric (Wilson) one."""
-        below, above = self.mean - self.lo, self.hi - self.mean
-        if abs(below - above) < 5e-4:
-            return f"{100 * self.mean:.2f} ± {100 * self.half:.2f}"
-        return f"{100 * self.mean:.2f} [{100 * self.lo:.1f}, {100 * self.hi:.1f}]"
-
-
-def wilson(p: float, n: int) -> tuple[float, float]:
-    """The Wilson score 95 % interval of a proportion ``p`` observed on ``n`` trials."""
-    if n <= 0:
-        return (0.0, 1.0)
-    centre = (p + Z * Z / (2 * n)) / (1 + Z * Z / n)
-    half = Z * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n)) / (1 + Z * Z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def binomial_var(p: float, n: int) -> float:
-    return p * (1 - p) / n if n > 0 else 0.25
-
-
-def combine(values: Sequence[float], sampling_vars: Sequence[float], images: int) -> Estimate:
-    """Mean over seeds of per-seed ``values``, each with its test-sampling variance."""
-    k = len(values)
-    m = mean(values)
-    var = sum(sampling_vars) / (k * k)
-    if k >= 2:
-        var += variance(values) / k
-    half = Z * math.sqrt(max(var, 0.0))
-    return Estimate(m, m - half, m + half, images, k)
-
-
-def accuracy(pairs: Sequence[tuple[float, int]]) -> Estimate:
-    """One accuracy per seed, as (top-1, images)."""
-    if len(pairs) == 1:
-        p, n = pairs[0]
-        lo, hi = wilson(p, n)
-        return Estimate(p, lo, hi, n, 1)
-    return combine([p for p, _ in pairs], [binomial_var(p, n) for p, n in pairs], min(n for _, n in pairs))
-
-
-def set_average(sets: Mapping[str, Mapping[str, Any]]) -> tuple[float, float, int]:
-    """Mean top-1 over a run's headline sets, its sampling variance, and the images behind it."""
-    values = [(float(e["top1"]), int(e["images"])) for e in sets.values()]
-    m = len(values)
-    avg = sum(p for p, _ in values) / m
-    var = sum(binomial_var(p, n) for p, n in values) / (m * m)
-    return avg, var, sum(n for _, n in values)
-
-
-def difference(a: Estimate, b: Estimate) -> Estimate:
-    d = a.mean - b.mean
-    half = math.sqrt(a.half**2 + b.half**2)
-    return Estimate(d, d - half, d + half, min(a.images, b.images), min(a.seeds, b.seeds))
 
 
 # -- grouping ------------------------------------------------------------------------------------
@@ -133,11 +62,6 @@ def by_model(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[Key, float], list[
     return groups
 
 
-def average_of(rows: Sequence[Mapping[str, Any]]) -> Estimate:
-    stats = [set_average(r["sets"]) for r in rows]
-    return combine([a for a, _, _ in stats], [v for _, v, _ in stats], min(n for _, _, n in stats))
-
-
 def sets_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, Estimate]:
     names = [n for n in rows[0]["sets"] if all(n in r["sets"] for r in rows)]
     return {
@@ -176,14 +100,15 @@ def best_by_arm(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Any]
 
 # -- the figures' numbers ------------------------------------------------------------------------
 def fig1(rows: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], Estimate | None]:
-    """Average accuracy per (method, attack, radius) at its best layer decay, minus the scratch model's."""
+    """Average accuracy per (method, attack, radius) at its best layer decay, minus the scratch model's
+    and, for an adversarial arm, minus its method's nominal pre-training (each paired where it can be)."""
     best = best_decay(rows)
     scratch = next((v for k, v in best.items() if k[0] == "scratch"), None)
     base = scratch[1] if scratch else None
     table = []
     for key in sorted((k for k in best if k[0] != "scratch"), key=order):
         decay, est, group = best[key]
-        gain = difference(est, base) if base is not None else None
+        nominal = best.get((key[0], "none", "-")) if key[1] != "none" else None
         table.append(
             {
                 "method": key[0],
@@ -192,7 +117,8 @@ def fig1(rows: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], Estim
                 "eps_value": group[0]["eps_value"],
                 "layer_decay": decay,
                 "average": est,
-                "minus_scratch": gain,
+                "minus_scratch": compare(group, scratch[2], AVERAGE) if scratch else None,
+                "minus_nominal": compare(group, nominal[2], AVERAGE) if nominal else None,
             }
         )
     return table, base
@@ -242,34 +168,40 @@ def selected_models(rows: Sequence[Mapping[str, Any]]) -> list[Key]:
     return sorted(chosen.values(), key=lambda k: METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 9)
 
 
+def _by_decay(rows: Sequence[Mapping[str, Any]], key: Key) -> list[tuple[float, list[Mapping[str, Any]]]]:
+    """One model's evaluation rows per layer decay, smallest decay first."""
+    return sorted(((d, g) for (arm, d), g in by_model(rows).items() if arm == key), key=lambda kv: kv[0])
+
+
 def fig3(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per selected model and layer decay, accuracy per set."""
-    groups = by_model(rows)
+    """Per selected model and layer decay, accuracy per set, and the average minus the smallest decay's."""
     out = []
     for key in selected_models(rows):
-        for (arm, decay), group in sorted(groups.items(), key=lambda kv: kv[0][1]):
-            if arm == key:
-                out.append(
-                    {
-                        "method": key[0],
-                        "attack": key[1],
-                        "radius": key[2],
-                        "layer_decay": decay,
-                        "sets": sets_of(group),
-                        "average": average_of(group),
-                    }
-                )
+        decays = _by_decay(rows, key)
+        for decay, group in decays:
+            first = decays[0][1]
+            out.append(
+                {
+                    "method": key[0],
+                    "attack": key[1],
+                    "radius": key[2],
+                    "layer_decay": decay,
+                    "sets": sets_of(group),
+                    "average": average_of(group),
+                    "minus_smallest_decay": compare(group, first, AVERAGE) if group is not first else None,
+                }
+            )
     return out
 
 
 def fig5(rows: Sequence[Mapping[str, Any]], norm: str = "l2") -> list[dict[str, Any]]:
-    """Per selected model and layer decay, robust accuracy against the radius of ``norm``."""
-    groups = by_model(rows)
+    """Per selected model and layer decay, robust accuracy against the radius of ``norm``, and minus the
+    smallest decay's at the same radius."""
     out = []
     for key in selected_models(rows):
-        for (arm, decay), group in sorted(groups.items(), key=lambda kv: kv[0][1]):
-            if arm != key:
-                continue
+        decays = _by_decay(rows, key)
+        first = decays[0][1]
+        for decay, group in decays:
             radii = [
                 r
                 for r in group[0]["robust"].get(norm, {})
@@ -280,6 +212,7 @@ def fig5(rows: Sequence[Mapping[str, Any]], norm: str = "l2") -> list[dict[str, 
                     (float(g["robust"][norm][radius]["accuracy"]), int(g["robust"][norm][radius]["images"]))
                     for g in group
                 ]
+                comparable = group is not first and all(radius in g["robust"].get(norm, {}) for g in first)
                 out.append(
                     {
                         "method": key[0],
@@ -290,27 +223,30 @@ def fig5(rows: Sequence[Mapping[str, Any]], norm: str = "l2") -> list[dict[str, 
                         "eval_radius": radius,
                         "eval_eps": radius_value(radius),
                         "robust": accuracy(pairs),
+                        "minus_smallest_decay": (
+                            compare(group, first, ("robust", norm, radius)) if comparable else None
+                        ),
                     }
                 )
     return out
 
 
-def _test_top1(row: Mapping[str, Any]) -> tuple[float, int] | None:
-    """A row's accuracy on its dataset's own test split."""
+def _test_set(row: Mapping[str, Any]) -> str | None:
+    """The name of a row's set that is its dataset's own test split."""
     sets = row["sets"]
     for name in (row["data"], "imagenet_val"):
         if name in sets:
-            return float(sets[name]["top1"]), int(sets[name]["images"])
-    if len(sets) == 1:
-        entry = next(iter(sets.values()))
-        return float(entry["top1"]), int(entry["images"])
-    return None
+            return name
+    return next(iter(sets)) if len(sets) == 1 else None
+
+
+REFERENCE_OPTIM = "adamw_lld"  # Table 1's other optimisers are stated against it
 
 
 def table1(rows: Sequence[Mapping[str, Any]], best: Mapping[tuple[str, str], Any]) -> list[dict[str, Any]]:
     """Datasets x (method, attack at its best radius) x optimiser: test top-1 (the best layer decay when
-    one optimiser was run with several)."""
-    cells: dict[tuple[str, str, str, str], dict[float, list[tuple[float, int]]]] = defaultdict(
+    one optimiser was run with several); beside another optimiser's, its difference from AdamW's."""
+    cells: dict[tuple[str, str, str, str], dict[float, list[Mapping[str, Any]]]] = defaultdict(
         lambda: defaultdict(list)
     )
     seen = set()
@@ -319,20 +255,32 @@ def table1(rows: Sequence[Mapping[str, Any]], best: Mapping[tuple[str, str], Any
             continue
         if abs(radius_value(best[(r["method"], r["attack"])]) - r["eps_value"]) > 1e-9:
             continue
-        score = _test_top1(r)
-        if score is None or r["finetune"] in seen:
+        if _test_set(r) is None or r["finetune"] in seen:
             continue
         seen.add(r["finetune"])
-        cells[(r["data"], r["method"], r["attack"], r["optim"])][r["layer_decay"]].append(score)
+        cells[(r["data"], r["method"], r["attack"], r["optim"])][r["layer_decay"]].append(r)
+
+    def top1(group: Sequence[Mapping[str, Any]]) -> Estimate:
+        return accuracy(
+            [(float(g["sets"][n]["top1"]), int(g["sets"][n]["images"])) for g in group if (n := _test_set(g))]
+        )
+
+    chosen = {
+        cell: max(by_decay.items(), key=lambda kv: top1(kv[1]).mean) for cell, by_decay in cells.items()
+    }
     out = []
-    for (data, method, attack, optim), by_decay in cells.items():
-        decay, pairs = max(by_decay.items(), key=lambda kv: mean(p for p, _ in kv[1]))
+    for (data, method, attack, optim), (decay, group) in chosen.items():
         radius = next(
             r["radius"]
             for r in rows
             if (r["method"], r["attack"]) == (method, attack)
             and abs(radius_value(best[(method, attack)]) - r["eps_value"]) <= 1e-9
         )
+        reference = chosen.get((data, method, attack, REFERENCE_OPTIM))
+        names = {_test_set(g) for g in [*group, *(reference[1] if reference else [])]}
+        gap = None
+        if optim != REFERENCE_OPTIM and reference is not None and len(names) == 1:
+            gap = compare(group, reference[1], ("set", str(names.pop())))
         out.append(
             {
                 "data": data,
@@ -341,7 +289,8 @@ def table1(rows: Sequence[Mapping[str, Any]], best: Mapping[tuple[str, str], Any
                 "radius": radius,
                 "optim": optim,
                 "layer_decay": decay,
-                "top1": accuracy(pairs),
+                "top1": top1(group),
+                f"minus_{REFERENCE_OPTIM}": gap,
             }
         )
     return out

@@ -3,8 +3,8 @@
 An ``evaluate`` run's ``results.json`` names the fine-tuned weights it scored; the fine-tuning run's
 ``model.json`` names the encoder it started from (``pretrained``: null for a from-scratch model), its
 data, optimiser and layer decay; the pre-training run's ``config.yaml`` names the method, attack and
-radius. Each evaluation becomes one flat row; each point of a pre-training run's kNN monitor
-(``metrics.csv``) one more. Nothing here imports torch.
+radius. Each evaluation becomes one flat row (naming its ``outcomes.npz`` where it wrote one); each
+point of a pre-training run's kNN monitor (``metrics.csv``) one more. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from advpt.outcomes import FILE as OUTCOMES
 
 Note = Callable[[str], None]
 
@@ -80,6 +82,13 @@ def pretrain_labels(directory: Path) -> dict[str, Any] | None:
     }
 
 
+def _outcomes(directory: Path) -> str | None:
+    """An evaluation's per-image outcomes (``advpt.outcomes``), for paired differences; ``None`` when it
+    wrote none (evaluations from before them)."""
+    path = directory / OUTCOMES
+    return str(path) if path.is_file() else None
+
+
 def row_of(results_path: Path, note: Note) -> dict[str, Any] | None:
     """One flat row for an ``evaluate`` run (``None``, with a note, when its lineage cannot be read)."""
     results = _json(results_path)
@@ -128,6 +137,7 @@ def row_of(results_path: Path, note: Note) -> dict[str, Any] | None:
         "robust": robust,
         "suite": results.get("suite"),
         "evaluate": str(results_path.parent),
+        "outcomes": _outcomes(results_path.parent),
         "finetune": str(finetune_dir),
     }
 

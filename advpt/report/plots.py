@@ -8,7 +8,8 @@ from typing import Any
 
 from advpt.files import atomic_path
 from advpt.names import ATTACK_LABEL, METHOD_LABEL, NORMS, arm_label
-from advpt.report.aggregate import METHOD_ORDER, Estimate
+from advpt.report.aggregate import METHOD_ORDER
+from advpt.report.intervals import Estimate
 
 COLOURS = {"supervised": "tab:red", "rotnet": "tab:green", "mae": "tab:blue", "byol": "tab:orange"}
 
@@ -30,8 +31,12 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _bars(estimates: Sequence[Estimate]) -> list[list[float]]:
-    """Error bars from each interval (asymmetric where it is: Wilson near 0 or 100 %), in points."""
-    return [[100 * (e.mean - e.lo) for e in estimates], [100 * (e.hi - e.mean) for e in estimates]]
+    """Error bars from each interval (asymmetric where it is: Wilson near 0 or 100 %, a bootstrap's
+    percentiles), in points; never negative (a percentile interval may leave out its own point)."""
+    return [
+        [max(0.0, 100 * (e.mean - e.lo)) for e in estimates],
+        [max(0.0, 100 * (e.hi - e.mean)) for e in estimates],
+    ]
 
 
 def _dodge(i: int, k: int, span: float) -> float:

@@ -16,6 +16,7 @@ from advpt.names import ATTACK_LABEL, ATTACKS, METHOD_LABEL, arm_label
 from advpt.report import aggregate as agg
 from advpt.report import plots
 from advpt.report.collect import radius_label
+from advpt.report.differences import fallbacks
 from advpt.report.tables import md_table
 
 Row = Mapping[str, Any]
@@ -63,6 +64,11 @@ def _arm(row: Row) -> str:
     return arm_label(row["method"], row["attack"], row["radius"])
 
 
+def _gap(est: Any) -> str:
+    """A difference between arms in a table: the value, its interval and which (paired or unpaired)."""
+    return "-" if est is None else est.stated()
+
+
 def _claims(intro: str, claims: Sequence[str]) -> list[str]:
     return ["", intro, *[f"- {c}" for c in claims]]
 
@@ -81,16 +87,26 @@ def fig1(ev: Evidence) -> Part | None:
     notes = (
         [] if base is not None else ["no from-scratch model (pretrained=none) found: plotting raw averages"]
     )
+    notes += fallbacks([r[k] for r in table for k in ("minus_scratch", "minus_nominal")])
     lines = [f"Scratch model's average: {base.pct()} %.", ""] if base is not None else []
     lines.append(
         md_table(
-            ["arm", "layer decay", "average %", "− scratch, points", "n per seed", "seeds"],
+            [
+                "arm",
+                "layer decay",
+                "average %",
+                "− scratch, points",
+                "− nominal, points",
+                "n per seed",
+                "seeds",
+            ],
             [
                 [
                     _arm(r),
                     f"{r['layer_decay']:g}",
                     r["average"].pct(),
-                    r["minus_scratch"].pct() if r["minus_scratch"] else "-",
+                    _gap(r["minus_scratch"]),
+                    _gap(r["minus_nominal"]),
                     r["average"].images,
                     r["average"].seeds,
                 ]
@@ -151,13 +167,14 @@ def fig3(ev: Evidence) -> Part | None:
     sets = list(dict.fromkeys(n for e in entries for n in e["sets"]))
     lines = [
         md_table(
-            ["model", "γ", *sets, "average"],
+            ["model", "γ", *sets, "average", "− smallest γ, points"],
             [
                 [
                     _arm(e),
                     f"{e['layer_decay']:g}",
                     *[e["sets"][s].pct() if s in e["sets"] else "-" for s in sets],
                     e["average"].pct(),
+                    _gap(e["minus_smallest_decay"]),
                 ]
                 for e in entries
             ],
@@ -165,7 +182,8 @@ def fig3(ev: Evidence) -> Part | None:
     ]
     if ev.paper is not None:
         lines += _claims("The paper's claims:", ev.paper["fig3_claims"])
-    return Part(entries, lines, draw=lambda path: plots.fig3(entries, path))
+    notes = fallbacks([e["minus_smallest_decay"] for e in entries])
+    return Part(entries, lines, draw=lambda path: plots.fig3(entries, path), notes=notes)
 
 
 def fig5(ev: Evidence) -> Part | None:
@@ -174,14 +192,22 @@ def fig5(ev: Evidence) -> Part | None:
         return None
     lines = [
         md_table(
-            ["model", "γ", "l2 radius", "robust top-1 %", "n"],
+            ["model", "γ", "l2 radius", "robust top-1 %", "n", "− smallest γ, points"],
             [
-                [_arm(p), f"{p['layer_decay']:g}", p["eval_radius"], p["robust"].pct(), p["robust"].images]
+                [
+                    _arm(p),
+                    f"{p['layer_decay']:g}",
+                    p["eval_radius"],
+                    p["robust"].pct(),
+                    p["robust"].images,
+                    _gap(p["minus_smallest_decay"]),
+                ]
                 for p in points
             ],
         )
     ]
-    return Part(points, lines, draw=lambda path: plots.fig5(points, path))
+    notes = fallbacks([p["minus_smallest_decay"] for p in points])
+    return Part(points, lines, draw=lambda path: plots.fig5(points, path), notes=notes)
 
 
 def table1(ev: Evidence) -> Part | None:
@@ -198,7 +224,17 @@ def table1(ev: Evidence) -> Part | None:
             "",
             "None of these datasets is in the paper's Table 1; its values are in `advpt/report/paper.json`.",
         ]
-    return Part(rows, lines, table=text)
+    gap = f"minus_{agg.REFERENCE_OPTIM}"
+    gaps = [c for c in cells if c.get(gap) is not None]
+    if gaps:
+        lines += ["", f"Each other optimiser against {agg.REFERENCE_OPTIM}, test top-1 difference:", ""]
+        lines.append(
+            md_table(
+                ["dataset", "arm", "optimiser", f"− {agg.REFERENCE_OPTIM}, points", "n"],
+                [[c["data"], _arm(c), c["optim"], _gap(c[gap]), c[gap].images] for c in gaps],
+            )
+        )
+    return Part(rows, lines, table=text, notes=fallbacks([c.get(gap) for c in cells]))
 
 
 def knn(ev: Evidence) -> Part | None:

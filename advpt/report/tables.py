@@ -8,17 +8,21 @@ from pathlib import Path
 from typing import Any
 
 from advpt.files import atomic_path
-from advpt.report.aggregate import Estimate
+from advpt.report.intervals import Estimate
 
 
 def _spread(name: str, est: Estimate) -> dict[str, Any]:
-    """An estimate's columns: its value, interval and the images behind it."""
-    return {
+    """An estimate's columns: its value, interval and the images behind it (a difference's also which
+    interval, paired or unpaired, and McNemar's p-value)."""
+    columns = {
         name: round(est.mean, 6),
         f"{name}_lo": round(est.lo, 6),
         f"{name}_hi": round(est.hi, 6),
         f"{name}_images": est.images,
     }
+    if est.interval is not None:
+        columns |= {f"{name}_interval": est.interval, f"{name}_p": est.p}
+    return columns
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:

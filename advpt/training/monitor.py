@@ -303,12 +303,16 @@ class ConfiguredMonitor(KnnMonitor):
         data, size, monitor = self.cfg.data, int(self.cfg.model.img_size), self.cfg.monitor
         train = getattr(trainer.datamodule, "source", None) or build_source(data, train=True, image_size=size)
         evaluation = build_source(data, train=False, image_size=size)
-        if evaluation is None:
+        # Sharded weights are gathered in every forward pass, which the ranks' uneven shares would not match.
+        sharded = getattr(trainer.strategy, "strategy_name", "") == "fsdp"
+        if evaluation is None or sharded:
+            why = (
+                "with trainer.strategy=fsdp (not yet)"
+                if sharded
+                else f"(data={data.name} has no evaluation split)"
+            )
             if trainer.is_global_zero:
-                print(
-                    f"advpt pretrain: monitor=knn is off: data={data.name} has no evaluation split",
-                    flush=True,
-                )
+                print(f"advpt pretrain: monitor=knn is off {why}", flush=True)
             return
         transform = eval_transform(size)
         self.queries = capped(Transformed(evaluation, transform), monitor.eval_size, self.seed + 1)
