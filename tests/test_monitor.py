@@ -169,12 +169,8 @@ def test_a_run_on_shards_takes_its_bank_from_the_training_stream(tmp_path: Path)
     from advpt.data.shards.write import write_shards
 
     write_shards({"name": "builtin"}, tmp_path / "shards", shard_size=500, log=lambda _: None)
-    data = [
-        "data=shards",
-        f"data.root={tmp_path / 'shards'}",
-        "monitor.bank_size=100",
-        "monitor.eval_size=50",
-    ]
+    data = ["data=shards", f"data.root={tmp_path / 'shards'}", "data.num_workers=0"]
+    data += ["monitor.bank_size=100", "monitor.eval_size=50"]
     run = tmp_path / "run"
     assert run_cli(["pretrain", "trainer.max_steps=2", *TINY, *data, f"hydra.run.dir={run}"]) == 0
     (row,) = [r for r in csv.DictReader((run / "metrics.csv").open()) if r["monitor/knn_top1"]]

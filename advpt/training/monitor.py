@@ -179,14 +179,14 @@ class KnnMonitor(Callback):
                     attacked.append(self.attacked(encoder, x, features[-1], int(i[0]), epoch))
             labels.append(y.to(device))
             index.append(i.to(device))
-        none = torch.zeros(0, encoder.dim, device=device)
-        parts = [
-            torch.cat(features) if features else none,
-            torch.cat(labels) if labels else none[:, 0].long(),
-        ]
-        if robust:
-            parts.append(torch.cat(attacked) if attacked else none)
-        return gathered(parts, torch.cat(index) if index else none[:, 0].long(), at_most, gather)
+        vectors, numbers = (
+            torch.zeros(0, encoder.dim, device=device),
+            torch.zeros(0, dtype=torch.long, device=device),
+        )
+        parts = [_cat(features, vectors), _cat(labels, numbers)] + (
+            [_cat(attacked, vectors)] if robust else []
+        )
+        return gathered(parts, _cat(index, numbers), at_most, gather)
 
     def attacked(self, encoder: Encoder, x: Tensor, clean: Tensor, first: int, epoch: int) -> Tensor:
         """Features of ``x`` perturbed by PGD to maximise the cosine distance from ``clean``.
@@ -257,6 +257,11 @@ class KnnMonitor(Callback):
         pl_module.log_dict(
             scores, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1, batch_size=1
         )
+
+
+def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
+    """``parts`` end to end (``empty`` when a process had no batch)."""
+    return torch.cat(parts) if parts else empty
 
 
 # -- from the config ------------------------------------------------------------------------------
