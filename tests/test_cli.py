@@ -178,8 +178,9 @@ def test_help_lists_the_commands_own_groups_and_option_names(capsys) -> None:
     assert out.startswith("usage: advpt pretrain ")
     listed = out.split("== Groups")[1].split("== Config")[0].splitlines()[1:]
     groups = {line.split(":")[0]: line for line in listed if ": " in line}
-    assert set(groups) == {"attack", "data", "logger", "method", "model", "recipe", "trainer"}
+    assert set(groups) == {"attack", "data", "logger", "method", "model", "monitor", "recipe", "trainer"}
     assert "vit_tiny_patch4_32" in groups["model"] and "mae*" in groups["method"]
+    assert "knn*" in groups["monitor"] and "none" in groups["monitor"]
     assert run_cli(["finetune", "--help"]) == 0
     out = capsys.readouterr().out
     listed = out.split("== Groups")[1].split("== Config")[0].splitlines()[1:]
