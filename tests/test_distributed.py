@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-# Under `pytest -n` (make test), these run one after another on one worker: two multi-process runs
-# at once on a 2-core machine only wait on each other.
+# Under `pytest -n` (make test) these run one after another on one worker (two multi-process runs at
+# once on a 2-core machine only wait on each other), except the three that share the two sweeps,
+# which form a group of their own (so each sweep runs once) beside it.
 pytestmark = pytest.mark.xdist_group("processes")
 ADVPT = str(BIN / "advpt")
 QUIET = ["model=vit_micro", "trainer.enable_progress_bar=false"]
@@ -79,6 +80,7 @@ def fsdp_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("sweeps")
 def test_every_method_runs_adversarially_on_two_processes_in_one_sweep(ddp_sweep: Path) -> None:
     # The adversarial step holds the nominal one; nominal runs on two processes are the half-batch
     # tests' (supervised pre-training, fine-tuning) and the probe's (MAE).
@@ -115,6 +117,7 @@ def test_every_method_runs_adversarially_on_two_processes_in_one_sweep(ddp_sweep
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("sweeps")
 def test_fsdp_trains_every_method_adversarially_to_the_weights_of_ddp(
     ddp_sweep: Path, fsdp_sweep: Path
 ) -> None:
@@ -146,6 +149,7 @@ def test_fsdp_trains_every_method_adversarially_to_the_weights_of_ddp(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("sweeps")
 def test_fsdp_sigterm_mid_epoch_then_resume_auto_equals_the_uninterrupted_run(
     fsdp_sweep: Path, tmp_path: Path
 ) -> None:
