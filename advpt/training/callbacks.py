@@ -50,6 +50,7 @@ class LastCheckpoint(Callback):
         self.every_n_steps = every_n_steps
         self._saved_at = -1
         self._epochs_done = 0
+        self._told = False
 
     def save(self, trainer: L.Trainer, epochs_done: int) -> None:
         if trainer.global_step == self._saved_at or trainer.sanity_checking:
@@ -78,13 +79,27 @@ class LastCheckpoint(Callback):
         last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         if trainer.global_step % self.every_n_steps == 0:
             self.save(trainer, trainer.current_epoch + int(last))
-        # Several processes stop after the same step, as soon as any of them is told to: the signal
-        # reaches them at different moments, and under FSDP saving gathers from all of them
-        # (Lightning would stop each on its own signal, possibly a step apart).
-        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(
-            trainer.received_sigterm, all=False
-        ):
+        # Several processes stop together, after the step in which any of them was told to stop.
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(self._told, all=False):
             raise SIGTERMException()
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        """With several processes, SIGTERM (SIGUSR1 too, see advpt.launch) is noted here instead of by
+        Lightning, which stops each process on its own signal, wherever it reaches it: the signal
+        reaches the processes at different moments, possibly a step apart, and saving is a collective
+        (under FSDP it gathers from all of them), so a lone stop would leave the others waiting."""
+        if trainer.world_size == 1:
+            return
+        import signal
+
+        def told(signum: int, frame: Any) -> None:
+            self._told = True
+            launcher = trainer.strategy.launcher
+            if trainer.is_global_zero and hasattr(launcher, "kill"):  # pass it on to this node's workers
+                launcher.kill(signum)
+
+        self._told = False
+        signal.signal(signal.SIGTERM, told)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer, trainer.current_epoch + 1)
