@@ -32,6 +32,26 @@ def advpt(args: list[str], cwd: Path, timeout: float = 600, **kwargs) -> subproc
     return subprocess.run([ADVPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def stop_after_first_checkpoint(args: list[str], run: Path) -> str:
+    """``advpt ARGS hydra.run.dir=RUN`` sent SIGUSR1 (SLURM's warning; SIGTERM takes the same path) as
+    soon as its first ``last.ckpt`` exists; asserts it stopped as pre-empted (143); its stderr."""
+    proc = subprocess.Popen(
+        [ADVPT, *args, f"hydra.run.dir={run}"],
+        cwd=run.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ckpt = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    return err
+
+
 def outputs(run: Path) -> dict[str, int]:
     names = ("last.ckpt", "metrics.csv", "encoder.safetensors", "model.safetensors")
     return {n: len(list(run.rglob(n))) for n in names}
@@ -158,20 +178,8 @@ def test_fsdp_sigterm_mid_epoch_then_resume_auto_equals_the_uninterrupted_run(
     encoder fine-tunes on one process."""
     args = ["pretrain", "method=mae", *SWEEP, *FSDP, "checkpoint_every_n_steps=2", "resume=auto"]
     run = tmp_path / "stopped"
-    proc = subprocess.Popen(
-        [ADVPT, *args, f"hydra.run.dir={run}"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    stop_after_first_checkpoint(args, run)
     ckpt = run / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err[-3000:]
     stopped_at = torch.load(ckpt, weights_only=True)["global_step"]
     assert 0 < stopped_at < 8, stopped_at
     assert not (run / "encoder.safetensors").exists()
@@ -396,20 +404,8 @@ def test_sigterm_mid_epoch_then_resume_auto_equals_the_uninterrupted_run(tmp_pat
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     run = tmp_path / "stopped"
-    proc = subprocess.Popen(
-        [ADVPT, *args, f"hydra.run.dir={run}"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    err = stop_after_first_checkpoint(args, run)
     ckpt = run / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGUSR1)  # SLURM's warning; SIGTERM takes the same path
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err[-3000:]
     stopped_at = torch.load(ckpt, weights_only=False)["global_step"]
     assert 0 < stopped_at < 22, stopped_at  # mid-epoch
     assert "Continue with: advpt pretrain" in err and "resume=auto" in err

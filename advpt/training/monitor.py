@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from advpt.attacks import Attack, frozen, pgd
+from advpt.evaluate.suites import capped
 from advpt.models import Encoder
 
 Gather = Callable[[Tensor], Tensor]
@@ -265,15 +266,6 @@ def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
 
 
 # -- from the config ------------------------------------------------------------------------------
-def capped(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
-    """At most ``limit`` items: a random subset fixed by ``seed``, in index order."""
-    n = len(dataset)  # type: ignore[arg-type]
-    if limit is None or limit >= n:
-        return dataset
-    keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
-    return Subset(dataset, sorted(keep.tolist()))
-
-
 class ConfiguredMonitor(KnnMonitor):
     """The monitor of a pretrain config; its images are read when the run starts (``setup``)."""
 

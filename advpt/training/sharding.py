@@ -94,12 +94,6 @@ def blocks(module: nn.Module) -> list[Block]:
     return [m for m in module.modules() if isinstance(m, Block)]
 
 
-def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in module.modules())
-
-
 def local(t: Tensor) -> Tensor:
     """This process's shard of a sharded tensor (the tensor itself when it is not sharded)."""
     from torch.distributed.tensor import DTensor
@@ -158,16 +152,12 @@ def _trains(group: nn.Module) -> bool:
 
 def full_state(module: nn.Module) -> dict[str, Tensor]:
     """``module``'s state dict, whole and on the CPU; under FSDP a collective: every process calls it."""
-    return {
-        k: local(v.full_tensor() if _is_dtensor(v) else v).detach().cpu().contiguous()
-        for k, v in module.state_dict().items()
-    }
-
-
-def _is_dtensor(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
-    return isinstance(t, DTensor)
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+        for k, v in module.state_dict().items()
+    }
 
 
 def checkpoint_activations(module: nn.Module) -> None:
