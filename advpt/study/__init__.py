@@ -13,7 +13,7 @@ what it computes::
 so a finished run (its product is there, :mod:`advpt.runs`) is skipped without starting a process,
 a half-finished one continues from its ``last.ckpt`` (``resume=auto``), and a rerun after a crash or
 a pre-emption costs only what is left. Runs are ``advpt`` commands in child processes, one after
-another, with their output in ``<study>/logs/``; ``launcher=NAME`` hands each stage's pending runs to
+another (``workers=N``: N at a time), with their output in ``<study>/logs/``; ``launcher=NAME`` hands each stage's pending runs to
 that Hydra launcher instead (``hydra/launcher=NAME``: ``slurm``, ``submitit_local``, ...), one sweep
 per stage. Transfer (Table 1) starts from the best radius of each method x attack on the evaluated
 average, so it is planned once the evaluations are in.
@@ -70,7 +70,7 @@ def run_study(cfg: DictConfig, root: Path) -> int:
     """Plan, run and report the study in ``root``; the exit code (0: every run finished)."""
     check(cfg)
     exp = cfg.experiment
-    runner = Runner(root, cfg.get("launcher"), bool(cfg.get("dry_run", False)))
+    runner = Runner(root, cfg.get("launcher"), bool(cfg.get("dry_run", False)), int(cfg.get("workers", 1)))
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
 
     def forward(signum: int, _frame: Any) -> None:

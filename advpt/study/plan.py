@@ -72,12 +72,13 @@ def _list(value: Any) -> list[Any]:
 # -- the plan ------------------------------------------------------------------------------------
 def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
     """The experiment names known methods, attacks, radii and at least one pre-training arm."""
-    from advpt.config import parse_number
+    from advpt.config import parse_number, positive_int
 
     exp = cfg.experiment
     seeds = cfg.seeds
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise UserError(f"seeds={seeds} is invalid: expected a whole number >= 1 (runs per arm)")
+    positive_int(cfg.get("workers", 1), "workers", "the number of runs at a time must be")
     for method, attack, eps in arms(cfg):
         if method not in METHODS:
             raise UserError(
