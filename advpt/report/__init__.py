@@ -1,7 +1,9 @@
 """The ``report`` command: the paper's figures and tables from whatever evaluation runs it finds.
 
 ``fig1_eps.png``, ``fig2_variants.png``, ``fig3_layer_decay.png``, ``fig5_robust_vs_decay.png``,
-``table1_transfer.md`` / ``.csv``, ``knn_pretrain.png`` (the pre-training monitor's kNN top-1 against the
+``table1_transfer.md`` / ``.csv``, ``claims.csv`` (the paper's claims, each judged by the interval of
+the difference that tests it: :mod:`advpt.report.claims`, also the table summary.md opens with),
+``knn_pretrain.png`` (the pre-training monitor's kNN top-1 against the
 epoch), each figure's numbers as CSV, and ``summary.md`` with every number behind them. Every number
 carries its sample size and a 95 % interval (:mod:`advpt.report.aggregate`); the paper's own values
 (``paper.json``) are shown beside ours where the grid matches. A figure whose runs are missing is
@@ -19,6 +21,7 @@ from typing import Any
 from advpt.errors import UserError
 from advpt.files import write_text
 from advpt.report.aggregate import headline_rows
+from advpt.report.claims import claim_rows, claims_table, judge
 from advpt.report.collect import collect, knn_curves
 from advpt.report.sections import SECTIONS, Evidence, Section, table1_markdown
 from advpt.report.tables import write_csv
@@ -82,14 +85,12 @@ def build_report(
     headline, data = headline_rows(rows)
     curves = knn_curves(roots, [r["pretrain"] for r in rows])
     evidence = Evidence(rows, headline, paper_values() if paper else None, curves)
-    md = [
-        "# advpt report",
-        "",
-        f"Runs: {', '.join(str(r) for r in roots)}. Evaluations found: {len(rows)}.",
-        "",
-        READING,
-    ]
+    claims = judge(rows, headline) if headline else []
+    md = ["# advpt report", "", "## The paper's claims", "", *claims_table(claims)]
+    md += ["", f"Runs: {', '.join(str(r) for r in roots)}. Evaluations found: {len(rows)}.", "", READING]
     written: list[Path] = []
+    if claims:
+        written.append(write_csv(out / "claims.csv", claim_rows(claims)))
     if not headline:
         skip("no evaluation runs found: none of the paper's figures (run advpt evaluate, or advpt study)")
     else:

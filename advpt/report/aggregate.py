@@ -243,12 +243,22 @@ def _test_set(row: Mapping[str, Any]) -> str | None:
 REFERENCE_OPTIM = "adamw_lld"  # Table 1's other optimisers are stated against it
 
 
-def table1(rows: Sequence[Mapping[str, Any]], best: Mapping[tuple[str, str], Any]) -> list[dict[str, Any]]:
-    """Datasets x (method, attack at its best radius) x optimiser: test top-1 (the best layer decay when
-    one optimiser was run with several); beside another optimiser's, its difference from AdamW's."""
-    cells: dict[tuple[str, str, str, str], dict[float, list[Mapping[str, Any]]]] = defaultdict(
-        lambda: defaultdict(list)
+Cell = tuple[str, str, str, str]  # Table 1's (dataset, method, attack, optimiser)
+
+
+def test_top1(group: Sequence[Mapping[str, Any]]) -> Estimate:
+    """Test top-1 of a model's evaluations (its seeds) on its dataset's own test split."""
+    return accuracy(
+        [(float(g["sets"][n]["top1"]), int(g["sets"][n]["images"])) for g in group if (n := _test_set(g))]
     )
+
+
+def table1_groups(
+    rows: Sequence[Mapping[str, Any]], best: Mapping[tuple[str, str], Any]
+) -> dict[Cell, tuple[float, list[Mapping[str, Any]]]]:
+    """Table 1's cells: (dataset, method, attack at its best radius, optimiser) -> the layer decay with the
+    best test top-1 (when one optimiser was run with several) and the evaluations of its seeds."""
+    cells: dict[Cell, dict[float, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     seen = set()
     for r in rows:
         if r["method"] == "scratch" or (r["method"], r["attack"]) not in best:
@@ -259,15 +269,16 @@ def table1(rows: Sequence[Mapping[str, Any]], best: Mapping[tuple[str, str], Any
             continue
         seen.add(r["finetune"])
         cells[(r["data"], r["method"], r["attack"], r["optim"])][r["layer_decay"]].append(r)
-
-    def top1(group: Sequence[Mapping[str, Any]]) -> Estimate:
-        return accuracy(
-            [(float(g["sets"][n]["top1"]), int(g["sets"][n]["images"])) for g in group if (n := _test_set(g))]
-        )
-
-    chosen = {
-        cell: max(by_decay.items(), key=lambda kv: top1(kv[1]).mean) for cell, by_decay in cells.items()
+    return {
+        cell: max(by_decay.items(), key=lambda kv: test_top1(kv[1]).mean) for cell, by_decay in cells.items()
     }
+
+
+def table1(rows: Sequence[Mapping[str, Any]], best: Mapping[tuple[str, str], Any]) -> list[dict[str, Any]]:
+    """Datasets x (method, attack at its best radius) x optimiser: test top-1 (the best layer decay when
+    one optimiser was run with several); beside another optimiser's, its difference from AdamW's."""
+    chosen = table1_groups(rows, best)
+    top1 = test_top1
     out = []
     for (data, method, attack, optim), (decay, group) in chosen.items():
         radius = next(

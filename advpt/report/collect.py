@@ -4,7 +4,8 @@ An ``evaluate`` run's ``results.json`` names the fine-tuned weights it scored; t
 ``model.json`` names the encoder it started from (``pretrained``: null for a from-scratch model), its
 data, optimiser and layer decay; the pre-training run's ``config.yaml`` names the method, attack and
 radius. Each evaluation becomes one flat row (naming its ``outcomes.npz`` where it wrote one); each
-point of a pre-training run's kNN monitor (``metrics.csv``) one more. Nothing here imports torch.
+point of a pre-training run's kNN monitor (``metrics.csv``) one more; a fine-tuning run's validation
+top-1 per epoch is read from its own ``metrics.csv`` (:func:`val_curve`). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -181,6 +182,25 @@ def knn_points(directory: Path) -> list[dict[str, Any]]:
         }
         for r in logged
     ]
+
+
+def val_curve(directory: Path) -> list[tuple[int, float]]:
+    """A fine-tuning run's validation top-1 per epoch, ``(epoch counted from 1, val/top1)``, from its
+    metrics.csv ([] when it has no such file or column). An epoch logged twice (a resumed run, a final
+    validation) keeps its last value."""
+    try:
+        with (directory / "metrics.csv").open(newline="") as f:
+            logged = [r for r in csv.DictReader(f) if r.get("val/top1") and r.get("epoch")]
+    except OSError:
+        return []
+    by_epoch: dict[int, float] = {}
+    for r in logged:
+        try:
+            epoch, value = int(float(r["epoch"])) + 1, float(r["val/top1"])
+        except ValueError:
+            continue
+        by_epoch[epoch] = value
+    return sorted(by_epoch.items())
 
 
 def knn_curves(roots: Iterable[Path | str], pretrains: Iterable[str | None] = ()) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from advpt.outcomes import OutcomeFile, read_outcomes
 from advpt.report.intervals import Estimate, accuracy, average_of, difference
-from advpt.report.paired import paired_bootstrap
+from advpt.report.paired import LEVEL, contrast_draws, observed, paired_bootstrap
 
 Row = Mapping[str, Any]
 Quantity = tuple[str, ...]
@@ -78,10 +78,10 @@ def outcomes_of(row: Row) -> OutcomeFile | None:
     return _read(str(path), (stat.st_mtime_ns, stat.st_size))
 
 
-def _pairing(a: Sequence[Row], b: Sequence[Row], quantity: Quantity) -> tuple[list, list, list] | str | None:
-    """Per seed of each arm the outcome arrays of every stratum, and the strata's weights; else why not
-    (``None``: no evaluation of either arm has outcomes, nothing to say)."""
-    rows = [*a, *b]
+def _pairing(arms: Sequence[Sequence[Row]], quantity: Quantity) -> tuple[list, list] | str | None:
+    """Per arm, per seed the outcome arrays of every stratum, and the strata's weights; else why not
+    (``None``: no evaluation of any arm has outcomes, nothing to say)."""
+    rows = [r for arm in arms for r in arm]
     read = [outcomes_of(r) for r in rows]
     files = [f for f in read if f is not None]
     if not files:
@@ -99,22 +99,49 @@ def _pairing(a: Sequence[Row], b: Sequence[Row], quantity: Quantity) -> tuple[li
         if not all(file.same_images(ref, key) for key, _ in first):
             return f"{row['evaluate']} and {rows[0]['evaluate']} scored different images"
         arrays.append([file.outcomes[key].correct for key, _ in first])
-    return arrays[: len(a)], arrays[len(a) :], [w for _, w in first]
+    edges = np.cumsum([0, *(len(arm) for arm in arms)])
+    return [arrays[lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True)], [w for _, w in first]
 
 
 def compare(a: Sequence[Row], b: Sequence[Row], quantity: Quantity = AVERAGE, seed: int = 0) -> Estimate:
     """``quantity(a) - quantity(b)``, paired where the outcomes allow (``interval`` says which)."""
     ours, theirs = estimate(a, quantity), estimate(b, quantity)
-    pairing = _pairing(a, b, quantity)
+    pairing = _pairing([a, b], quantity)
     if not isinstance(pairing, tuple):
         return difference(ours, theirs, fallback=pairing)
-    outcomes_a, outcomes_b, weights = pairing
+    (outcomes_a, outcomes_b), weights = pairing
     paired = paired_bootstrap(outcomes_a, outcomes_b, weights, seed=seed)
     if not np.isclose(paired.point, ours.mean - theirs.mean, rtol=0, atol=1e-9):
         why = f"{a[0]['evaluate']} or {b[0]['evaluate']}: outcomes.npz disagrees with results.json"
         return difference(ours, theirs, fallback=why)
     images, seeds = min(ours.images, theirs.images), min(ours.seeds, theirs.seeds)
     return Estimate(paired.point, paired.lo, paired.hi, images, seeds, interval="paired", p=paired.p)
+
+
+def contrast(
+    arms: Sequence[Sequence[Row]], coefficients: Sequence[float], quantity: Quantity = AVERAGE, seed: int = 0
+) -> Estimate:
+    """``sum_j coefficients[j] * quantity(arms[j])`` (a difference of differences, or a mean of
+    differences over several arms), paired over the images all arms saw where the outcomes allow; else
+    unpaired, the arms' variances added with the squares of their coefficients."""
+    ests = [estimate(arm, quantity) for arm in arms]
+    point = sum(c * e.mean for c, e in zip(coefficients, ests, strict=True))
+    images, seeds = min(e.images for e in ests), min(e.seeds for e in ests)
+    pairing = _pairing(arms, quantity)
+    if isinstance(pairing, tuple):
+        outcomes, weights = pairing
+        draws = contrast_draws(outcomes, coefficients, weights, rng=np.random.default_rng(seed))
+        if np.isclose(
+            sum(c * observed(o, weights) for c, o in zip(coefficients, outcomes, strict=True)),
+            point,
+            rtol=0,
+            atol=1e-9,
+        ):
+            lo, hi = np.quantile(draws, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+            return Estimate(point, float(lo), float(hi), images, seeds, interval="paired")
+        pairing = "an outcomes.npz disagrees with its results.json"
+    half = sum((c * e.half) ** 2 for c, e in zip(coefficients, ests, strict=True)) ** 0.5
+    return Estimate(point, point - half, point + half, images, seeds, interval="unpaired", fallback=pairing)
 
 
 def fallbacks(estimates: Sequence[Estimate | None]) -> list[str]:

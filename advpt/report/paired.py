@@ -66,18 +66,40 @@ def paired_draws(
     mean(outcomes[s])``, of an arm the mean over its seeds. ``b`` may be empty (the draws of ``a`` alone).
     """
     _check(a, b, weights)
+    return contrast_draws([a, b] if b else [a], [1.0, -1.0] if b else [1.0], weights, resamples, rng)
+
+
+def contrast_draws(
+    arms: Sequence[Sequence[Sequence[np.ndarray]]],
+    coefficients: Sequence[float],
+    weights: Sequence[float],
+    resamples: int = RESAMPLES,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """``resamples`` bootstrap draws of ``sum_j coefficients[j] * quantity(arms[j])``, every arm's seeds
+    scored on the same images (``arms[j][seed][stratum]``, as in :func:`paired_draws`): the same
+    resampled images for every arm, the seeds resampled within each arm. A contrast of more than two arms
+    (a difference of differences: does one gap shrink?) keeps the pairing of all of them."""
+    if len(arms) != len(coefficients) or not arms:
+        raise ValueError(f"{len(arms)} arms for {len(coefficients)} coefficients")
+    for arm in arms[1:]:
+        _check(arms[0], arm, weights)
     rng = rng if rng is not None else np.random.default_rng(0)
-    seeds = len(a) + len(b)
-    acc = np.zeros((resamples, seeds))  # each seed's quantity on each resample of the images
+    seeds = [len(arm) for arm in arms]
+    acc = np.zeros((resamples, sum(seeds)))  # each seed's quantity on each resample of the images
     for s, weight in enumerate(weights):
-        n = len(a[0][s])
+        n = len(arms[0][0][s])
         if n == 0 or weight == 0:
             continue
-        columns = np.stack([arm[s] for arm in (*a, *b)], axis=1).astype(bool)
+        columns = np.stack([seed[s] for arm in arms for seed in arm], axis=1).astype(bool)
         patterns, counts = _patterns(columns)
         drawn = rng.multinomial(n, counts / n, size=resamples)  # [resamples, patterns]
         acc += weight * (drawn @ patterns.astype(float)) / n
-    return _seed_mean(acc[:, : len(a)], rng) - (_seed_mean(acc[:, len(a) :], rng) if b else 0.0)
+    edges = np.cumsum([0, *seeds])
+    return sum(
+        c * _seed_mean(acc[:, lo:hi], rng)
+        for c, lo, hi in zip(coefficients, edges[:-1], edges[1:], strict=True)
+    )
 
 
 def _patterns(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

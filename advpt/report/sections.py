@@ -14,6 +14,7 @@ from typing import Any
 
 from advpt.names import ATTACK_LABEL, ATTACKS, METHOD_LABEL, arm_label
 from advpt.report import aggregate as agg
+from advpt.report import convergence as conv
 from advpt.report import plots
 from advpt.report.collect import radius_label
 from advpt.report.differences import fallbacks
@@ -263,6 +264,41 @@ def knn(ev: Evidence) -> Part | None:
     return Part(curves, lines, draw=lambda path: plots.knn(curves, path))
 
 
+def convergence(ev: Evidence) -> Part | None:
+    runs = conv.convergence(ev.rows)
+    if not runs:
+        return None
+    table = md_table(
+        [
+            "model",
+            "seed",
+            "data",
+            "optimiser",
+            "γ",
+            "epochs",
+            "val top-1 %, last epochs",
+            "gain, points",
+            "status",
+        ],
+        [
+            [
+                _arm(r),
+                r["seed"],
+                r["data"],
+                r["optim"],
+                f"{r['layer_decay']:g}",
+                r["epochs"],
+                " ".join(f"{100 * v:.2f}" for v in r["last"]),
+                "-" if r["gain"] is None else f"{100 * r['gain']:+.2f} (last {r['window']})",
+                "UNCONVERGED" if r["flagged"] else "ok" if r["gain"] is not None else "-",
+            ]
+            for r in runs
+        ],
+    )
+    rows = [{**r, "last": " ".join(f"{v:.4f}" for v in r["last"])} for r in runs]
+    return Part(rows, [conv.rule(runs), "", table], notes=[conv.note(r) for r in runs if r["flagged"]])
+
+
 SECTIONS = (
     Section("fig1", "fig1_eps", "Fig. 1: average accuracy against the radius", fig1),
     Section(
@@ -296,8 +332,16 @@ SECTIONS = (
         missing="no pre-training run logged monitor/knn_top1 (pre-train with monitor=knn, the default)",
         of_evaluations=False,
     ),
+    Section(
+        "convergence",
+        "finetune_convergence",
+        "Fine-tuning: convergence",
+        convergence,
+        missing="no fine-tuning run behind the evaluations logged val/top1 in its metrics.csv",
+    ),
 )
-"""The paper's figures and tables in the order of the report, then the pre-training monitor's curves."""
+"""The paper's figures and tables in the order of the report, the pre-training monitor's curves, then
+whether each fine-tuning run behind the evaluations converged."""
 
 
 # -- Table 1's layout ----------------------------------------------------------------------------

@@ -1,0 +1,297 @@
+"""The paper's claims, one by one: the difference between arms that tests each, and what its interval says.
+
+Each claim is tested by one or more differences (:mod:`advpt.report.differences`: paired over the images
+the arms share where their evaluations wrote outcomes), and a difference's verdict is read from its 95 %
+interval alone, never from its point estimate: *reproduced* when the whole interval lies on the claim's
+side of 0, *contradicted* when it lies on the other side, *inconclusive* when it holds 0. A claim about
+every method (or every radius, every optimiser) is reproduced when all its differences are, contradicted
+when one is; the claim that the best radius differs by method is reproduced when, for one norm, one
+method significantly prefers the smaller radius and another the larger.
+
+The arms compared are chosen by their point estimates on the same test sets (each method's best
+adversarial arm, each arm's best layer decay), which leans the differences towards the claims; the
+report says so beside the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from advpt.names import ATTACK_LABEL, METHOD_LABEL, NORMS, arm_label
+from advpt.report import aggregate as agg
+from advpt.report.collect import radius_value
+from advpt.report.differences import AVERAGE, compare, contrast
+from advpt.report.intervals import Estimate
+from advpt.report.tables import md_table
+
+Row = Mapping[str, Any]
+REPRODUCED, CONTRADICTED, INCONCLUSIVE = "reproduced", "contradicted", "inconclusive"
+
+
+def verdict(est: Estimate) -> str:
+    """What a difference's 95 % interval says of a claim that it is positive."""
+    if est.lo > 0:
+        return REPRODUCED
+    if est.hi < 0:
+        return CONTRADICTED
+    return INCONCLUSIVE
+
+
+def every(verdicts: Sequence[str]) -> str:
+    """A claim that holds for every case: reproduced if all are, contradicted if any is."""
+    if not verdicts:
+        return INCONCLUSIVE
+    if CONTRADICTED in verdicts:
+        return CONTRADICTED
+    return REPRODUCED if all(v == REPRODUCED for v in verdicts) else INCONCLUSIVE
+
+
+@dataclass
+class Test:
+    """One difference behind a claim: what it compares, its estimate (in the claim's direction)."""
+
+    label: str
+    estimate: Estimate
+    # how the table reads each verdict of this difference (the claim's own words by default)
+    readings: tuple[str, str, str] = (REPRODUCED, CONTRADICTED, INCONCLUSIVE)
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.estimate)
+
+    @property
+    def reading(self) -> str:
+        return dict(zip((REPRODUCED, CONTRADICTED, INCONCLUSIVE), self.readings, strict=True))[self.verdict]
+
+
+@dataclass
+class Claim:
+    """A claim of the paper, where in the paper it is made, the differences that test it, the verdict."""
+
+    text: str
+    source: str
+    tests: list[Test]
+    verdict: str
+
+
+def _label(key: agg.Key) -> str:
+    return arm_label(*key)
+
+
+def _best(headline: Sequence[Row]) -> dict[agg.Key, tuple[float, Estimate, list]]:
+    return {k: v for k, v in agg.best_decay(headline).items() if k[0] != "scratch"}
+
+
+def _best_adversarial(best: Mapping[agg.Key, tuple[float, Estimate, list]], method: str) -> agg.Key | None:
+    keys = [k for k in best if k[0] == method and k[1] != "none"]
+    return max(keys, key=lambda k: best[k][1].mean) if keys else None
+
+
+def _methods(best: Mapping[agg.Key, Any]) -> list[str]:
+    return [
+        m
+        for m in METHOD_LABEL
+        if (m, "none", "-") in best and any(k[0] == m and k[1] != "none" for k in best)
+    ]
+
+
+def gains(headline: Sequence[Row]) -> Claim | None:
+    """Every method gains from adversarial pre-training: its best adversarial arm − its nominal arm."""
+    best = _best(headline)
+    tests = []
+    for m in _methods(best):
+        adv = _best_adversarial(best, m)
+        assert adv is not None
+        nominal = (m, "none", "-")
+        est = compare(best[adv][2], best[nominal][2], AVERAGE)
+        tests.append(Test(f"{_label(adv)} − {_label(nominal)}", est))
+    if not tests:
+        return None
+    return Claim(
+        "every method gains from adversarial pre-training",
+        "Fig. 1",
+        tests,
+        every([t.verdict for t in tests]),
+    )
+
+
+def best_radius_differs(headline: Sequence[Row]) -> Claim | None:
+    """The best radius differs by method: per norm and method, its smallest radius − its largest."""
+    best = _best(headline)
+    tests, verdicts = [], []
+    for norm in NORMS:
+        directions = []
+        for m in METHOD_LABEL:
+            radii = sorted((k for k in best if k[0] == m and k[1] == norm), key=lambda k: radius_value(k[2]))
+            if len(radii) < 2:
+                continue
+            small, large = radii[0], radii[-1]
+            test = Test(
+                f"{_label(small)} − {ATTACK_LABEL[norm]} {large[2]}",
+                compare(best[small][2], best[large][2]),
+                ("smaller radius better", "larger radius better", "no difference shown"),
+            )
+            tests.append(test)
+            directions.append(test.verdict)
+        if len(directions) < 2:
+            continue
+        if REPRODUCED in directions and CONTRADICTED in directions:
+            verdicts.append(REPRODUCED)  # one method significantly prefers the smaller radius, one the larger
+        elif all(d == directions[0] and d != INCONCLUSIVE for d in directions):
+            verdicts.append(CONTRADICTED)  # every method significantly prefers the same radius
+        else:
+            verdicts.append(INCONCLUSIVE)
+    if not verdicts:
+        return None
+    if REPRODUCED in verdicts:
+        overall = REPRODUCED
+    elif all(v == CONTRADICTED for v in verdicts):
+        overall = CONTRADICTED
+    else:
+        overall = INCONCLUSIVE
+    return Claim(
+        "the best radius differs by method (a difference of one sign for one method, of the other for another)",
+        "Fig. 1",
+        tests,
+        overall,
+    )
+
+
+def gap_narrows(headline: Sequence[Row]) -> Claim | None:
+    """Adversarial pre-training narrows the gap between methods: (best − worst nominal method) − (best −
+    worst method, each at its best adversarial arm), one contrast of four arms."""
+    best = _best(headline)
+    methods = _methods(best)
+    if len(methods) < 2:
+        return None
+    nominal = sorted(((m, "none", "-") for m in methods), key=lambda k: best[k][1].mean)
+    adversarial = sorted((_best_adversarial(best, m) for m in methods), key=lambda k: best[k][1].mean)  # type: ignore[arg-type,return-value]
+    arms = [nominal[-1], nominal[0], adversarial[-1], adversarial[0]]
+    est = contrast([best[k][2] for k in arms], [1.0, -1.0, -1.0, 1.0], AVERAGE)
+    label = f"({_label(arms[0])} − {_label(arms[1])}) − ({_label(arms[2])} − {_label(arms[3])})"
+    test = Test(label, est)
+    return Claim("adversarial pre-training narrows the gap between methods", "Fig. 1", [test], test.verdict)
+
+
+def decay_keeps_robustness(headline: Sequence[Row]) -> Claim | None:
+    """A smaller layer decay keeps more robustness: per l2 radius, the mean over the selected models
+    (each method's best adversarial arm) of robust top-1 at the smallest γ − at the largest."""
+    models = agg.selected_models(headline)
+    pairs = []
+    for key in models:
+        decays = agg._by_decay(headline, key)
+        pairs.append((key, decays[0], decays[-1]))
+    radii = sorted({r for _k, (_d, g), _ in pairs for r in g[0]["robust"].get("l2", {})}, key=radius_value)
+    tests = []
+    for radius in radii:
+        usable = [
+            (small, large)
+            for _k, small, large in pairs
+            if all(radius in g["robust"].get("l2", {}) for g in (*small[1], *large[1]))
+        ]
+        if not usable:
+            continue
+        arms = [group for small, large in usable for group in (small[1], large[1])]
+        weights = [w / len(usable) for _ in usable for w in (1.0, -1.0)]
+        est = contrast(arms, weights, ("robust", "l2", radius))
+        decays = sorted({d for small, large in usable for d in (small[0], large[0])})
+        tests.append(
+            Test(
+                f"γ {decays[0]:g} − γ {decays[-1]:g}, l2 robust top-1 at {radius}, mean of {len(usable)} models",
+                est,
+            )
+        )
+    if not tests:
+        return None
+    return Claim(
+        "a smaller layer decay keeps more l2 robustness after nominal fine-tuning",
+        "Fig. 5",
+        tests,
+        every([t.verdict for t in tests]),
+    )
+
+
+def transfer_improves(rows: Sequence[Row]) -> Claim | None:
+    """Adversarial pre-training improves transfer: per dataset and optimiser, the mean over methods and
+    attacks of Table 1's adversarial cell − the same method's nominal cell (test top-1)."""
+    cells = agg.table1_groups(rows, agg.best_by_arm(rows))
+    tests = []
+    for data, optim in sorted({(c[0], c[3]) for c in cells}):
+        arms, weights = [], []
+        for (d, m, a, o), (_decay, group) in cells.items():
+            nominal = cells.get((d, m, "none", o))
+            if (d, o) != (data, optim) or a == "none" or nominal is None:
+                continue
+            arms += [group, nominal[1]]
+            weights += [1.0, -1.0]
+        names = {agg._test_set(r) for group in arms for r in group}
+        if not arms or len(names) != 1:
+            continue
+        pairs = len(arms) // 2
+        est = contrast(arms, [w / pairs for w in weights], ("set", str(names.pop())))
+        tests.append(
+            Test(f"{data}, {optim}: adversarial − nominal, mean of {pairs} method × attack cells", est)
+        )
+    if not tests:
+        return None
+    return Claim(
+        "adversarial pre-training improves transfer",
+        "Table 1",
+        tests,
+        every([t.verdict for t in tests]),
+    )
+
+
+CLAIMS: tuple[Callable[..., Claim | None], ...] = (
+    gains,
+    best_radius_differs,
+    gap_narrows,
+    decay_keeps_robustness,
+)
+"""The claims tested on the headline evaluations, in the report's order (transfer comes last)."""
+
+
+def judge(rows: Sequence[Row], headline: Sequence[Row]) -> list[Claim]:
+    """Every claim the runs can test."""
+    found = [claim(headline) for claim in CLAIMS] + [transfer_improves(rows)]
+    return [c for c in found if c is not None]
+
+
+def claims_table(claims: Sequence[Claim]) -> list[str]:
+    """summary.md's opening: a row per claim with the differences behind it and its verdict."""
+    if not claims:
+        return ["No claim of the paper can be tested on these runs (they need nominal and adversarial arms)."]
+    rows = [
+        [
+            f"{c.text} ({c.source})",
+            "<br>".join(f"{t.label}: {t.estimate.stated()} → {t.reading}" for t in c.tests),
+            f"**{c.verdict}**",
+        ]
+        for c in claims
+    ]
+    return [
+        md_table(["claim", "tested by (difference in points, 95 % interval)", "verdict"], rows),
+        "",
+        "A verdict is read from the 95 % interval alone: reproduced when it excludes 0 on the claim's side, "
+        "contradicted when it excludes 0 on the other, inconclusive when it holds 0. The arms compared are "
+        "each method's best on these same test sets (radius and layer decay), which leans the differences "
+        "towards the claims; no correction is made for the number of comparisons.",
+    ]
+
+
+def claim_rows(claims: Sequence[Claim]) -> list[dict[str, Any]]:
+    """claims.csv: a row per difference."""
+    return [
+        {
+            "claim": c.text,
+            "source": c.source,
+            "claim_verdict": c.verdict,
+            "test": t.label,
+            "difference": t.estimate,
+            "reading": t.reading,
+        }
+        for c in claims
+        for t in c.tests
+    ]
