@@ -217,3 +217,54 @@ def test_shipped_experiments_runs_are_valid_command_lines(tmp_path: Path, experi
     for job in finetune_jobs(cfg, tmp_path / "s", pre):
         if job.needs is None:
             validate("finetune", job.overrides, multirun=False)
+
+
+def test_jobs_run_workers_at_a_time_longest_first(tmp_path: Path, monkeypatch, capsys) -> None:
+    cfg = study_config(*SMALL, "report=false", "workers=2")
+    running: set[str] = set()
+    most, started = 0, []
+
+    def fake_run(self, job) -> int:
+        nonlocal most
+        running.add(job.name)
+        started.append(job.name)
+        most = max(most, len(running))
+        time.sleep(0.3)
+        _touch(job.product, time.time())
+        running.discard(job.name)
+        return 0
+
+    monkeypatch.setattr(Runner, "_run", fake_run)
+    assert run_study(cfg, tmp_path) == 0
+    assert most == 2  # two at a time, never more
+    assert started[0] == "mae-l2-0.5-s0"  # adversarial pre-training, the longer, starts first
+    assert "evaluate 3/3 done" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_running_job_of_a_study_with_its_last_checkpoint(tmp_path: Path) -> None:
+    import signal
+
+    out = tmp_path / "study"
+    long = "experiment.pretrain.overrides=['trainer.max_steps=100000','trainer.max_epochs=-1','data.batch_size=32']"
+    argv = [sys.executable, "-m", "advpt.cli", "study", *SMALL, "workers=2", long, f"hydra.run.dir={out}"]
+    study = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    logs = [out / "logs" / "pretrain" / f"{arm}-s0.log" for arm in ("mae-l2-0.5", "mae-none")]
+    deadline = time.monotonic() + 120
+    while not all(p.is_file() and "Epoch 1" in p.read_text(errors="replace") for p in logs):
+        assert study.poll() is None and time.monotonic() < deadline, (
+            study.stdout.read() if study.stdout else ""
+        )
+        time.sleep(0.5)
+    study.send_signal(signal.SIGTERM)
+    text, _ = study.communicate(timeout=120)
+    assert study.returncode == 143, text
+    assert "stopped (signal SIGTERM); rerun the same command to continue" in text
+    for arm in ("mae-l2-0.5", "mae-none"):  # both runs in flight saved where they stopped
+        assert (out / "pretrain" / f"{arm}-s0" / "checkpoints" / "last.ckpt").is_file(), arm
