@@ -376,3 +376,37 @@ def test_report_pairs_evaluations_that_share_outcomes_and_falls_back_for_the_oth
     assert "Each other optimiser against adamw_lld" in summary
     fig1 = list(csv.DictReader((tmp_path / "report" / "fig1_eps.csv").read_text().splitlines()))
     assert {r["minus_scratch_interval"] for r in fig1} == {"paired", "unpaired"}
+
+
+def test_a_full_evaluation_with_another_optimiser_is_not_one_more_seed_of_the_headline(
+    tmp_path: Path,
+) -> None:
+    sets = {"builtin": (0.9, 100), "corruptions": (0.7, 100)}
+    make_chain(tmp_path, "mae", "mae", "l2", 0.5, sets, 0.85)
+    make_chain(tmp_path, "mae", "mae", "l2", 0.5, sets, 0.65)
+    # the same encoder transferred with SGD and scored on every set: a transfer run, not a seed
+    make_chain(
+        tmp_path,
+        "mae",
+        "mae",
+        "l2",
+        0.5,
+        {"builtin": (0.2, 100), "corruptions": (0.1, 100)},
+        1.0,
+        optim="sgd_transfer",
+    )
+    main, _ = agg.headline_rows(collect([tmp_path]))
+    assert {r["optim"] for r in main} == {"adamw_lld"} and len(main) == 2
+    (row,) = agg.fig1(main)[0]
+    assert row["average"].mean == pytest.approx(0.8) and row["average"].seeds == 1
+
+
+def test_fig5_leaves_out_a_radius_that_was_not_attacked(tmp_path: Path) -> None:
+    sets = {"builtin": (0.9, 100), "corruptions": (0.7, 100)}
+    for decay in (0.65, 0.85):
+        robust = {"l2": {"0.25": (0.5, 64), "1.0": (None, 0)}}
+        make_chain(tmp_path, "mae", "mae", "l2", 0.5, sets, decay, robust=robust)
+    points = agg.fig5(agg.headline_rows(collect([tmp_path]))[0])
+    assert {p["eval_radius"] for p in points} == {"0.25"} and len(points) == 2
+    build_report([tmp_path], tmp_path / "report", note=lambda _m: None)
+    assert (tmp_path / "report" / "fig5_robust_vs_decay.png").is_file()

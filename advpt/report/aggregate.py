@@ -33,25 +33,31 @@ def arm_of(row: Mapping[str, Any]) -> Key:
 
 
 def headline_rows(rows: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], str | None]:
-    """The rows behind Fig. 1-3 and 5: the fine-tuning dataset's full evaluations (the data that most
-    full evaluations used), one per fine-tuned model (the one with the most sets)."""
+    """The rows behind Fig. 1-3 and 5: the fine-tuning dataset's full evaluations (the data, then the
+    optimiser, that most full evaluations used: a transfer run with another optimiser is not one more
+    seed), one per fine-tuned model (the one with the most sets)."""
     full = [r for r in rows if len(r["sets"]) >= 2 or r["robust"]]
     if not full:
         full = list(rows)
     if not full:
         return [], None
-    counts: dict[str, int] = defaultdict(int)
-    for r in full:
-        counts[r["data"]] += 1
-    data = max(counts, key=lambda d: counts[d])
+    data = _most_common(r["data"] for r in full)
+    optim = _most_common(r["optim"] for r in full if r["data"] == data)
     best: dict[str, Mapping[str, Any]] = {}
     for r in full:
-        if r["data"] != data:
+        if r["data"] != data or r["optim"] != optim:
             continue
         seen = best.get(r["finetune"])
         if seen is None or len(r["sets"]) > len(seen["sets"]):
             best[r["finetune"]] = r
     return list(best.values()), data
+
+
+def _most_common(values: Iterable[Any]) -> Any:
+    counts: dict[Any, int] = defaultdict(int)
+    for v in values:
+        counts[v] += 1
+    return max(counts, key=lambda v: counts[v])
 
 
 def by_model(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[Key, float], list[Mapping[str, Any]]]:
@@ -168,7 +174,7 @@ def selected_models(rows: Sequence[Mapping[str, Any]]) -> list[Key]:
     return sorted(chosen.values(), key=lambda k: METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 9)
 
 
-def _by_decay(rows: Sequence[Mapping[str, Any]], key: Key) -> list[tuple[float, list[Mapping[str, Any]]]]:
+def by_decay(rows: Sequence[Mapping[str, Any]], key: Key) -> list[tuple[float, list[Mapping[str, Any]]]]:
     """One model's evaluation rows per layer decay, smallest decay first."""
     return sorted(((d, g) for (arm, d), g in by_model(rows).items() if arm == key), key=lambda kv: kv[0])
 
@@ -177,7 +183,7 @@ def fig3(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per selected model and layer decay, accuracy per set, and the average minus the smallest decay's."""
     out = []
     for key in selected_models(rows):
-        decays = _by_decay(rows, key)
+        decays = by_decay(rows, key)
         for decay, group in decays:
             first = decays[0][1]
             out.append(
@@ -194,25 +200,26 @@ def fig3(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def measured(group: Sequence[Mapping[str, Any]], norm: str, radius: str) -> bool:
+    """Every seed's robust accuracy at ``radius`` of ``norm`` is there (null: the radius was not attacked)."""
+    return all(g["robust"].get(norm, {}).get(radius, {}).get("accuracy") is not None for g in group)
+
+
 def fig5(rows: Sequence[Mapping[str, Any]], norm: str = "l2") -> list[dict[str, Any]]:
     """Per selected model and layer decay, robust accuracy against the radius of ``norm``, and minus the
     smallest decay's at the same radius."""
     out = []
     for key in selected_models(rows):
-        decays = _by_decay(rows, key)
+        decays = by_decay(rows, key)
         first = decays[0][1]
         for decay, group in decays:
-            radii = [
-                r
-                for r in group[0]["robust"].get(norm, {})
-                if all(r in g["robust"].get(norm, {}) for g in group)
-            ]
+            radii = [r for r in group[0]["robust"].get(norm, {}) if measured(group, norm, r)]
             for radius in sorted(radii, key=radius_value):
                 pairs = [
                     (float(g["robust"][norm][radius]["accuracy"]), int(g["robust"][norm][radius]["images"]))
                     for g in group
                 ]
-                comparable = group is not first and all(radius in g["robust"].get(norm, {}) for g in first)
+                comparable = group is not first and measured(first, norm, radius)
                 out.append(
                     {
                         "method": key[0],

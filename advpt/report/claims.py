@@ -181,15 +181,13 @@ def decay_keeps_robustness(headline: Sequence[Row]) -> Claim | None:
     models = agg.selected_models(headline)
     pairs = []
     for key in models:
-        decays = agg._by_decay(headline, key)
+        decays = agg.by_decay(headline, key)
         pairs.append((key, decays[0], decays[-1]))
     radii = sorted({r for _k, (_d, g), _ in pairs for r in g[0]["robust"].get("l2", {})}, key=radius_value)
     tests = []
     for radius in radii:
         usable = [
-            (small, large)
-            for _k, small, large in pairs
-            if all(radius in g["robust"].get("l2", {}) for g in (*small[1], *large[1]))
+            (small, large) for _k, small, large in pairs if agg.measured([*small[1], *large[1]], "l2", radius)
         ]
         if not usable:
             continue
