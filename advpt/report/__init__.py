@@ -23,6 +23,7 @@ from advpt.files import write_text
 from advpt.report.aggregate import headline_rows
 from advpt.report.claims import claim_rows, claims_table, judge
 from advpt.report.collect import collect, knn_curves
+from advpt.report.convergence import convergence as fine_tuning_runs
 from advpt.report.sections import SECTIONS, Evidence, Section, table1_markdown
 from advpt.report.tables import write_csv
 
@@ -87,6 +88,14 @@ def build_report(
     evidence = Evidence(rows, headline, paper_values() if paper else None, curves)
     claims = judge(rows, headline) if headline else []
     md = ["# advpt report", "", "## The paper's claims", "", *claims_table(claims)]
+    runs = fine_tuning_runs(rows)
+    if runs:
+        flagged = [r for r in runs if r["flagged"]]
+        md += [
+            "",
+            f"Fine-tuning runs still gaining over their last epochs: {len(flagged)} of {len(runs)}"
+            + (" (see *Fine-tuning: convergence*)." if flagged else "."),
+        ]
     md += ["", f"Runs: {', '.join(str(r) for r in roots)}. Evaluations found: {len(rows)}.", "", READING]
     written: list[Path] = []
     if claims:

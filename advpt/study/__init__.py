@@ -118,7 +118,9 @@ def run_study(cfg: DictConfig, root: Path) -> int:
         out = root / "report"
         written = build_report([root], out, paper=True, note=runner.say)
         runner.say(f"report: {len(written)} files in {shown(out)}")
-    runner.say(f"{len(runner.failed)} runs failed; took {_duration(time.monotonic() - started)}")
+    took = time.monotonic() - started
+    busy = f"; runs kept {runner.workers} worker(s) busy {100 * runner.busy / (took * runner.workers):.0f} % of it"
+    runner.say(f"{len(runner.failed)} runs failed; took {_duration(took)}" + (busy if runner.busy else ""))
     for job in runner.failed:
         runner.say(f"  failed: {job.stage} {job.name} (log: {shown(runner._log(job))})")
     return 1 if runner.failed else 0

@@ -35,6 +35,7 @@ class Runner:
         self.dry_run = dry_run
         self.workers = workers
         self.failed: list[Job] = []
+        self.busy = 0.0  # seconds of runs, added over the runs (workers side by side count each)
         self._children: set[multiprocessing.process.BaseProcess] = set()
 
     def say(self, text: str) -> None:
@@ -84,6 +85,7 @@ class Runner:
                 for future in finished:
                     job, started = running.pop(future)
                     code = future.result()
+                    self.busy += time.monotonic() - started
                     took = _duration(time.monotonic() - started)
                     if code == 0 and job.finished:
                         done += 1
