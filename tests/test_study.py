@@ -117,6 +117,7 @@ def test_a_failed_run_blocks_only_what_depends_on_it(tmp_path: Path, monkeypatch
     [
         (["experiment.pretrain.methods=[simclr]"], "unknown method 'simclr'"),
         (["seeds=0"], "seeds=0 is invalid"),
+        (["workers=0"], "workers=0 is invalid"),
         (["experiment=paper_fig1"], "pass data_root=PATH"),
         (["experiment=nope"], "unknown experiment option 'nope'"),
     ],
