@@ -178,7 +178,7 @@ def test_a_study_through_a_hydra_launcher_reports_and_a_local_rerun_only_does_wh
 
 @pytest.mark.parametrize(
     ("experiment", "pretrain", "finetune"),
-    [("mini", 40, 82), ("paper_fig1", 48, 49), ("paper_fig3", 3, 13), ("paper_table1", 12, 12)],
+    [("mini", 32, 66), ("paper_fig1", 48, 49), ("paper_fig3", 3, 13), ("paper_table1", 12, 12)],
 )
 def test_shipped_experiments_plan_the_paper_grids(tmp_path: Path, experiment, pretrain, finetune) -> None:
     cfg = study_config(f"experiment={experiment}", f"data_root={tmp_path}", f"variants_root={tmp_path}")
@@ -269,3 +269,39 @@ def test_sigterm_stops_every_running_job_of_a_study_with_its_last_checkpoint(tmp
     assert "stopped (signal SIGTERM); rerun the same command to continue" in text
     for arm in ("mae-l2-0.5", "mae-none"):  # both runs in flight saved where they stopped
         assert (out / "pretrain" / f"{arm}-s0" / "checkpoints" / "last.ckpt").is_file(), arm
+
+
+def _last(job, key: str) -> str | None:
+    """The value a job's command line gives ``key`` (the last one wins, as in Hydra)."""
+    values = [o.partition("=")[2] for o in job.overrides if o.partition("=")[0] == key]
+    return values[-1] if values else None
+
+
+def test_mini_trains_scratch_for_as_many_steps_as_pretraining_and_fine_tuning(tmp_path: Path) -> None:
+    cfg = study_config("experiment=mini")
+    pre = pretrain_jobs(cfg, tmp_path)
+    tuned = finetune_jobs(cfg, tmp_path, pre)
+    scratch = [j for j in tuned if j.labels["method"] == "scratch"]
+    pretrained = [j for j in tuned if j.labels["method"] != "scratch"]
+    assert len(scratch) == cfg.seeds >= 2
+    epochs = (
+        {int(_last(j, "trainer.max_epochs")) for j in pre},
+        {int(_last(j, "trainer.max_epochs")) for j in pretrained},
+    )
+    (p,), (f,) = epochs
+    # the same data and batch on both sides (none sets its own), so epochs count the same optimiser steps
+    assert all(_last(j, "data.batch_size") is None for j in [*pre, *tuned])
+    assert all(int(_last(j, "trainer.max_epochs")) == p + f for j in scratch)
+
+
+def test_mini_scores_every_model_on_the_same_images(tmp_path: Path) -> None:
+    cfg = study_config("experiment=mini")
+    pre = pretrain_jobs(cfg, tmp_path)
+    scored = [
+        evaluate_job(cfg, tmp_path, j, list(cfg.experiment.evaluate.overrides))
+        for j in finetune_jobs(cfg, tmp_path, pre)
+    ]
+    # one evaluation seed (the default) and the same caps for all: the report can pair every difference
+    settings = {tuple(o for o in j.overrides if not o.startswith("checkpoint=")) for j in scored}
+    assert len(settings) == 1 and not any(o.startswith("seed=") for o in settings.pop())
+    assert "robust.max_images=null" in cfg.experiment.evaluate.overrides  # the whole test split
