@@ -85,10 +85,10 @@ def build_report(
     rows = collect(roots, skip)
     headline, data = headline_rows(rows)
     curves = knn_curves(roots, [r["pretrain"] for r in rows])
-    evidence = Evidence(rows, headline, paper_values() if paper else None, curves)
+    runs = fine_tuning_runs(rows)  # each fine-tuning run's metrics.csv, read once
+    evidence = Evidence(rows, headline, paper_values() if paper else None, curves, runs)
     claims = judge(rows, headline) if headline else []
     md = ["# advpt report", "", "## The paper's claims", "", *claims_table(claims)]
-    runs = fine_tuning_runs(rows)
     if runs:
         flagged = [r for r in runs if r["flagged"]]
         md += [

@@ -76,6 +76,11 @@ class Claim:
     verdict: str
 
 
+def _for_every(text: str, source: str, tests: list[Test]) -> Claim | None:
+    """A claim that holds for every case its tests cover (``None``: no case to test)."""
+    return Claim(text, source, tests, every([t.verdict for t in tests])) if tests else None
+
+
 def _label(key: agg.Key) -> str:
     return arm_label(*key)
 
@@ -107,14 +112,7 @@ def gains(headline: Sequence[Row]) -> Claim | None:
         nominal = (m, "none", "-")
         est = compare(best[adv][2], best[nominal][2], AVERAGE)
         tests.append(Test(f"{_label(adv)} − {_label(nominal)}", est))
-    if not tests:
-        return None
-    return Claim(
-        "every method gains from adversarial pre-training",
-        "Fig. 1",
-        tests,
-        every([t.verdict for t in tests]),
-    )
+    return _for_every("every method gains from adversarial pre-training", "Fig. 1", tests)
 
 
 def best_radius_differs(headline: Sequence[Row]) -> Claim | None:
@@ -201,13 +199,8 @@ def decay_keeps_robustness(headline: Sequence[Row]) -> Claim | None:
                 est,
             )
         )
-    if not tests:
-        return None
-    return Claim(
-        "a smaller layer decay keeps more l2 robustness after nominal fine-tuning",
-        "Fig. 5",
-        tests,
-        every([t.verdict for t in tests]),
+    return _for_every(
+        "a smaller layer decay keeps more l2 robustness after nominal fine-tuning", "Fig. 5", tests
     )
 
 
@@ -232,14 +225,7 @@ def transfer_improves(rows: Sequence[Row]) -> Claim | None:
         tests.append(
             Test(f"{data}, {optim}: adversarial − nominal, mean of {pairs} method × attack cells", est)
         )
-    if not tests:
-        return None
-    return Claim(
-        "adversarial pre-training improves transfer",
-        "Table 1",
-        tests,
-        every([t.verdict for t in tests]),
-    )
+    return _for_every("adversarial pre-training improves transfer", "Table 1", tests)
 
 
 CLAIMS: tuple[Callable[..., Claim | None], ...] = (

@@ -65,7 +65,6 @@ def paired_draws(
     the same images of each stratum, in the same order; ``quantity`` of one seed = ``sum_s weights[s] *
     mean(outcomes[s])``, of an arm the mean over its seeds. ``b`` may be empty (the draws of ``a`` alone).
     """
-    _check(a, b, weights)
     return contrast_draws([a, b] if b else [a], [1.0, -1.0] if b else [1.0], weights, resamples, rng)
 
 
@@ -82,7 +81,7 @@ def contrast_draws(
     (a difference of differences: does one gap shrink?) keeps the pairing of all of them."""
     if len(arms) != len(coefficients) or not arms:
         raise ValueError(f"{len(arms)} arms for {len(coefficients)} coefficients")
-    for arm in arms[1:]:
+    for arm in arms:
         _check(arms[0], arm, weights)
     rng = rng if rng is not None else np.random.default_rng(0)
     seeds = [len(arm) for arm in arms]

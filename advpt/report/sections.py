@@ -27,12 +27,14 @@ Row = Mapping[str, Any]
 class Evidence:
     """What every section reads: every evaluation row, the headline ones behind Fig. 1-3 and 5
     (:func:`advpt.report.aggregate.headline_rows`), the paper's values (``None``: left out), and the
-    pre-training runs' kNN monitor points (:func:`advpt.report.collect.knn_curves`)."""
+    pre-training runs' kNN monitor points (:func:`advpt.report.collect.knn_curves`), and the fine-tuning
+    runs' convergence (:func:`advpt.report.convergence.convergence`)."""
 
     rows: Sequence[Row]
     headline: Sequence[Row]
     paper: Mapping[str, Any] | None
     curves: Sequence[Row] = ()
+    tuned: Sequence[Row] = ()
 
 
 @dataclass
@@ -265,7 +267,7 @@ def knn(ev: Evidence) -> Part | None:
 
 
 def convergence(ev: Evidence) -> Part | None:
-    runs = conv.convergence(ev.rows)
+    runs = ev.tuned
     if not runs:
         return None
     table = md_table(
