@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_method
@@ -250,3 +251,16 @@ def test_cpu_fine_tuning_keeps_digits_digits() -> None:
     assert any(hasattr(t, "ops") for t in paper) and "RandomHorizontalFlip" in [
         type(t).__name__ for t in paper
     ]
+
+
+def test_cpu_transfer_never_mirrors_a_digit_and_the_paper_recipe_does() -> None:
+    from advpt.finetune import train_transform
+
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    image[:, :2] = 255  # a bar on the left: mirrored, it is on the right
+    cpu = train_transform(composed("finetune", "optim=sgd_transfer")["optim"], 32)
+    paper = train_transform(composed("finetune", "recipe=paper", "optim=sgd_transfer")["optim"], 32)
+    torch.manual_seed(0)
+    left = [cpu(image)[:, :, :4].mean().item() > 0.5 for _ in range(40)]
+    mirrored = [paper(image)[:, :, :4].mean().item() < 0.5 for _ in range(40)]
+    assert all(left) and 5 < sum(mirrored) < 35

@@ -178,7 +178,7 @@ def test_a_study_through_a_hydra_launcher_reports_and_a_local_rerun_only_does_wh
 
 @pytest.mark.parametrize(
     ("experiment", "pretrain", "finetune"),
-    [("mini", 32, 66), ("paper_fig1", 48, 49), ("paper_fig3", 3, 13), ("paper_table1", 12, 12)],
+    [("mini", 24, 50), ("paper_fig1", 48, 49), ("paper_fig3", 3, 13), ("paper_table1", 12, 12)],
 )
 def test_shipped_experiments_plan_the_paper_grids(tmp_path: Path, experiment, pretrain, finetune) -> None:
     cfg = study_config(f"experiment={experiment}", f"data_root={tmp_path}", f"variants_root={tmp_path}")

@@ -76,7 +76,7 @@ def train_transform(optim: Mapping[str, Any], size: int) -> Any:
             [
                 T.ToImage(),
                 T.Resize((size, size), interpolation=BICUBIC, antialias=True),
-                T.RandomHorizontalFlip(),
+                T.RandomHorizontalFlip(float(optim.get("hflip", 0.5))),
                 T.ToDtype(torch.float32, scale=True),
             ]
         )
