@@ -176,6 +176,10 @@ RANGES: dict[str, dict[str, Range]] = {
         "optim.mixup": NON_NEGATIVE,
         "optim.cutmix": NON_NEGATIVE,
         "optim.label_smoothing": FRACTION,
+        "optim.min_steps": INDEX,
+        "data.labels_per_class": OPTIONAL_COUNT,
+        "data.label_fraction": Range(0, 1, low_open=True, special=(None,)),
+        "data.labels_seed": Range(0, integer=True, special=(None,)),
     },
     "evaluate": {
         "seed": INDEX,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from advpt.config import CONF_DIR, check_arguments, check_run, parse_number
+from advpt.data import labelled
 from advpt.errors import UserError
 from advpt.files import atomic_path, write_json
 from advpt.finetune.module import FinetuneData, FineTuner
@@ -40,6 +42,7 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
     """
     with open_dict(cfg):
         check_arguments("finetune", cfg)
+        labelled.check(cfg.data)
         optim = cfg.optim
         if optim.opt not in OPTIMIZERS:
             raise UserError(f"optim.opt={optim.opt} is not supported; choose one of {', '.join(OPTIMIZERS)}")
@@ -123,8 +126,11 @@ def fit(cfg: DictConfig, run_dir: Path) -> FineTuner | None:
         raise UserError(f"data={cfg.data.name} has {data.num_classes} classes: fine-tuning needs labels")
     with open_dict(cfg):
         cfg.num_classes = data.num_classes
+    lengthen(cfg, len(data.train_source))
     if not begin(cfg, run_dir, "finetune"):
         return None
+    if data.labelled is not None and rank_zero_only.rank == 0:
+        labelled.write(run_dir, data.labelled)
 
     module = FineTuner(
         model=OmegaConf.to_container(cfg.model, resolve=True),
@@ -157,6 +163,51 @@ def fit(cfg: DictConfig, run_dir: Path) -> FineTuner | None:
     return module
 
 
+VALIDATIONS = 25
+"""Validations of a run whose epochs were raised to hold ``optim.min_steps``: enough points for the
+convergence check's tail (its last 20 %), few enough that scoring the test split does not cost more
+than training on a handful of labels."""
+
+
+def world_size(trainer: DictConfig) -> int:
+    """Processes a run will take, from the Trainer settings (``auto`` on a CPU: one)."""
+    devices = trainer.get("devices", 1)
+    devices = len(devices) if isinstance(devices, list | ListConfig) else devices
+    devices = int(devices) if isinstance(devices, int) or str(devices).isdigit() else 1
+    return max(1, devices) * max(1, int(trainer.get("num_nodes", 1) or 1))
+
+
+def lengthen(cfg: DictConfig, images: int) -> None:
+    """``optim.min_steps``: a schedule given in epochs holds at least this many optimiser steps.
+
+    On a small training set (a few labels per class) an epoch is one or two steps, and a recipe's
+    epochs would stop long before the model has learnt: the epochs are raised until they hold the
+    steps, validation is spread to :data:`VALIDATIONS` points, and the run says so. A schedule in
+    steps (``trainer.max_steps`` > 0) is left as it is.
+    """
+    min_steps = int(cfg.optim.get("min_steps", 0) or 0)
+    if min_steps <= 0 or int(cfg.trainer.get("max_steps", -1) or -1) > 0:
+        return
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+    batches = labelled.steps_per_epoch(images, int(cfg.data.batch_size), world_size(cfg.trainer))
+    per_epoch = max(1, batches // accumulate)
+    epochs = int(cfg.trainer.max_epochs)
+    if epochs * per_epoch >= min_steps:
+        return
+    every = max(1, labelled.epochs_for(min_steps, per_epoch) // VALIDATIONS)
+    raised = every * labelled.epochs_for(labelled.epochs_for(min_steps, per_epoch), every)
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = raised
+        cfg.trainer.check_val_every_n_epoch = every
+    if rank_zero_only.rank == 0:
+        print(
+            f"advpt finetune: {images} training images are {per_epoch} step{'s' if per_epoch != 1 else ''} "
+            f"per epoch: {epochs} epochs raised to {raised} ({raised * per_epoch} steps >= optim.min_steps="
+            f"{min_steps}), validating every {every} epoch{'s' if every != 1 else ''}",
+            flush=True,
+        )
+
+
 def loaded(cfg: DictConfig) -> str:
     """Which encoder a run starts from, in words."""
     model = f"{cfg.model.name}, {cfg.model.img_size} px, patch {cfg.model.patch_size}"
@@ -165,14 +216,53 @@ def loaded(cfg: DictConfig) -> str:
     return f"loaded encoder {shown_source(str(cfg.pretrained))} ({model})"
 
 
-def summarise(run_dir: Path) -> str:
-    """The lines a fine-tuning run ends with: steps and val top-1, where it is, what to run next."""
+def summarise(run_dir: Path, overrides: list[str] | None = None) -> str:
+    """The lines a fine-tuning run ends with: steps and val top-1, where it is, what to run next.
+
+    A run whose validation top-1 still climbs over its last 20 % (the report's convergence rule) says so,
+    with ``overrides`` (the command line) run again at twice the steps into a new folder.
+    """
+    from advpt.report.collect import val_curve
+    from advpt.report.convergence import FRACTION, THRESHOLD, gain, unconverged
+
     record = read_record(run_dir)
     steps, top1 = record.get("steps", 0), record.get("val_top1")
     headline = f"{steps} step{'s' if steps != 1 else ''}, val top-1 " + (
         f"{100 * top1:.2f} %" if top1 is not None else "not measured (the dataset has no test split)"
     )
-    return summary("finetune", run_dir, headline, f"advpt evaluate checkpoint={shown(run_dir)}")
+    lines = [summary("finetune", run_dir, headline, f"advpt evaluate checkpoint={shown(run_dir)}")]
+    subset = read_json(run_dir / labelled.RECORD)
+    if subset:
+        lines.append(f"  labels: {labelled.described(subset)}, listed in {shown(run_dir / labelled.RECORD)}")
+    gained = gain(val_curve(run_dir))
+    if unconverged(gained):
+        kept = [
+            o
+            for o in overrides or []
+            if not o.split("=", 1)[0].lstrip("+~").startswith(("optim.min_steps", "hydra.run.dir", "resume"))
+        ]
+        longer = [
+            "advpt finetune",
+            *kept,
+            f"optim.min_steps={2 * int(steps)}",
+            f"hydra.run.dir={shown(Path(f'{run_dir}-longer'))}",
+        ]
+        lines.append(
+            f"  NOT CONVERGED: val top-1 still gained {100 * gained:+.2f} points over the last "
+            f"{100 * FRACTION:g} % of the run (more than {100 * THRESHOLD:g}); twice the steps: "
+            + " ".join(longer)
+        )
+    return "\n".join(lines)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def run(cfg: DictConfig) -> None:
@@ -180,4 +270,4 @@ def run(cfg: DictConfig) -> None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if fit(cfg, run_dir) is not None and rank_zero_only.rank == 0:
-        print(summarise(run_dir))
+        print(summarise(run_dir, [shlex.quote(o) for o in HydraConfig.get().overrides.task]))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from advpt.data import labelled
 from advpt.data.module import ResumableData
 from advpt.finetune.recipes import build_optimizer, build_scheduler, train_transform
 from advpt.models import Encoder
@@ -37,6 +38,13 @@ class FinetuneData(ResumableData):
         self.train_source = build_source(self.cfg, train=True, image_size=image_size)
         self.val_source = build_source(self.cfg, train=False, image_size=image_size)
         self.num_classes = num_classes(self.train_source)
+        # data.labels_per_class / label_fraction: fine-tune on a seeded, class-balanced share of the labels
+        self.labelled: dict[str, Any] | None = None
+        if labelled.wanted(self.cfg):
+            from torch.utils.data import Subset
+
+            indices, self.labelled = labelled.subset(self.cfg, self.train_source, seed)
+            self.train_source = Subset(self.train_source, indices)
 
     def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
         workers = int(self.cfg.get("num_workers", 0))
