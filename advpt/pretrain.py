@@ -63,6 +63,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> PretrainMethod | None:
             loss=number(metrics, "train/loss"),
             knn_top1=number(metrics, "monitor/knn_top1"),  # monitor=knn; None when off
             knn_robust_top1=number(metrics, "monitor/knn_robust_top1"),
+            attack=str(cfg.attack.name),
+            eps=float(cfg.eps),
+            eps_224=float(cfg.eps_224),
+            img_size=int(cfg.model.img_size),
         )
     return module
 
@@ -143,4 +147,10 @@ def summarise(run_dir: Path) -> str:
         headline += f", kNN top-1 {100 * knn:.2f} %" + (
             f" (robust {100 * robust:.2f} %)" if robust is not None else ""
         )
-    return summary("pretrain", run_dir, headline, f"advpt finetune pretrained={shown(run_dir)}")
+    text = summary("pretrain", run_dir, headline, f"advpt finetune pretrained={shown(run_dir)}")
+    if record.get("attack") not in (None, "none") and record.get("eps"):
+        from advpt.radii import shown as radius_shown
+
+        radius = radius_shown(record["attack"], float(record["eps"]), int(record.get("img_size") or 224))
+        text += f"\n  attack: {record['attack']} {radius}"
+    return text

@@ -10,7 +10,7 @@ import pytest
 
 from advpt.report import aggregate as agg
 from advpt.report import build_report
-from advpt.report.claims import CONTRADICTED, INCONCLUSIVE, REPRODUCED, every, judge, verdict
+from advpt.report.claims import CONTRADICTED, INCONCLUSIVE, REPRODUCED, UNTESTABLE, every, judge, verdict
 from advpt.report.collect import collect
 from advpt.report.differences import AVERAGE, compare, contrast, estimate
 from advpt.report.intervals import Estimate
@@ -118,3 +118,43 @@ def test_summary_opens_with_the_claims_table_and_claims_csv_has_a_row_per_differ
     rows = list(csv.DictReader((tmp_path / "report" / "claims.csv").read_text().splitlines()))
     assert len(rows) == 2 + 2 + 1 + 1 + 2  # gains, radii, gap, robustness at l2 0.5, transfer x 2 optimisers
     assert {r["difference_interval"] for r in rows} == {"paired"}
+
+
+def test_the_premise_opens_the_claims_and_a_method_it_fails_for_is_untestable(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    difficulty = {"builtin": rng.random(1500), "corruptions/fog/1": rng.random(500)}
+    difficulty["robust/l2/0.5"] = rng.random(1000)
+    skills = {  # MAE's nominal pre-training beats scratch (0.40) by far, RotNet's does not
+        ("scratch", "none", 0): 0.40,
+        ("mae", "none", 0): 0.60,
+        ("mae", "l2", 0.5): 0.70,
+        ("rotnet", "none", 0): 0.40,
+        ("rotnet", "l2", 0.5): 0.20,
+    }
+    root = tmp_path / "runs"
+    for (method, attack, eps), skill in skills.items():
+        chain_with_outcomes(root, f"{method}-{attack}-{eps}", method, attack, eps, skill, difficulty, rng)
+    rows = collect([root])
+    headline, _ = agg.headline_rows(rows)
+    claims = judge(rows, headline)
+    first = claims[0]
+    assert first.text.startswith("pre-training helps here")
+    assert {t.label: t.verdict for t in first.tests} == {
+        "MAE nominal − scratch": REPRODUCED,
+        "RotNet nominal − scratch": INCONCLUSIVE,
+    }
+    gains = next(c for c in claims if c.text.startswith("every method gains"))
+    # judged on MAE alone (RotNet's loss would contradict it), RotNet named as untestable
+    assert [t.label.split(" ")[0] for t in gains.tests] == ["MAE"] and gains.verdict == REPRODUCED
+    assert gains.untestable == ("RotNet",)
+
+    # where the premise fails for every method, the claims about adversarial pre-training are untestable
+    flat = tmp_path / "flat"
+    for method, attack, eps in [("scratch", "none", 0), ("mae", "none", 0), ("mae", "l2", 0.5)]:
+        chain_with_outcomes(flat, f"{method}-{attack}-{eps}", method, attack, eps, 0.40, difficulty, rng)
+    rows = collect([flat])
+    headline, _ = agg.headline_rows(rows)
+    claims = judge(rows, headline)
+    assert claims[0].verdict != REPRODUCED
+    assert all(c.verdict == UNTESTABLE and not c.tests for c in claims[1:])
+    assert {c.text for c in claims[1:]} >= {"every method gains from adversarial pre-training"}

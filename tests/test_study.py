@@ -178,7 +178,13 @@ def test_a_study_through_a_hydra_launcher_reports_and_a_local_rerun_only_does_wh
 
 @pytest.mark.parametrize(
     ("experiment", "pretrain", "finetune"),
-    [("mini", 24, 50), ("paper_fig1", 48, 49), ("paper_fig3", 3, 13), ("paper_table1", 12, 12)],
+    [
+        ("mini", 30, 62),
+        ("mini_all_labels", 24, 50),
+        ("paper_fig1", 48, 49),
+        ("paper_fig3", 3, 13),
+        ("paper_table1", 12, 12),
+    ],
 )
 def test_shipped_experiments_plan_the_paper_grids(tmp_path: Path, experiment, pretrain, finetune) -> None:
     cfg = study_config(f"experiment={experiment}", f"data_root={tmp_path}", f"variants_root={tmp_path}")
@@ -202,7 +208,9 @@ def test_table1_experiment_uses_the_radii_of_the_papers_caption(tmp_path: Path) 
     assert len(arms) == 12
 
 
-@pytest.mark.parametrize("experiment", ["paper_fig1", "paper_fig3", "paper_table1", "mini"])
+@pytest.mark.parametrize(
+    "experiment", ["paper_fig1", "paper_fig3", "paper_table1", "mini", "mini_all_labels"]
+)
 def test_shipped_experiments_runs_are_valid_command_lines(tmp_path: Path, experiment) -> None:
     """Every pre-training run and the scratch model of each experiment pass the command's own checks."""
     from advpt.config import validate
@@ -277,8 +285,10 @@ def _last(job, key: str) -> str | None:
     return values[-1] if values else None
 
 
-def test_mini_trains_scratch_for_as_many_steps_as_pretraining_and_fine_tuning(tmp_path: Path) -> None:
-    cfg = study_config("experiment=mini")
+def test_mini_all_labels_trains_scratch_for_as_many_steps_as_pretraining_and_fine_tuning(
+    tmp_path: Path,
+) -> None:
+    cfg = study_config("experiment=mini_all_labels")
     pre = pretrain_jobs(cfg, tmp_path)
     tuned = finetune_jobs(cfg, tmp_path, pre)
     scratch = [j for j in tuned if j.labels["method"] == "scratch"]
@@ -305,3 +315,30 @@ def test_mini_scores_every_model_on_the_same_images(tmp_path: Path) -> None:
     settings = {tuple(o for o in j.overrides if not o.startswith("checkpoint=")) for j in scored}
     assert len(settings) == 1 and not any(o.startswith("seed=") for o in settings.pop())
     assert "robust.max_images=null" in cfg.experiment.evaluate.overrides  # the whole test split
+
+
+def test_mini_fine_tunes_every_arm_and_scratch_on_the_same_scarce_labels_at_the_paper_s_radii(
+    tmp_path: Path,
+) -> None:
+    from advpt.report.collect import radius_value
+    from advpt.study import knn_jobs, probe_jobs
+
+    cfg = study_config("experiment=mini")
+    pre = pretrain_jobs(cfg, tmp_path)
+    tuned = finetune_jobs(cfg, tmp_path, pre)
+    probes = probe_jobs(cfg, tmp_path, pre)
+    # every arm and the scratch baseline: the same labelled subset rule, drawn by the run's seed
+    for job in [*tuned, *probes]:
+        assert _last(job, "data.labels_per_class") == "20" and _last(job, "data.labels_seed") is None
+        assert int(_last(job, "seed")) == job.labels["seed"]
+        assert int(_last(job, "optim.min_steps")) >= 300
+    assert {_last(j, "optim") for j in probes} == {"linear_probe"} and len(probes) == len(pre)
+    assert [j.needs for j in knn_jobs(cfg, tmp_path, pre)] == pre
+    # the experiment's radii are the paper's at 224 px: l2 converted to 32 px, l_inf as written
+    for job in pre:
+        attack, given = job.labels["attack"], _last(job, "eps")
+        paper = job.name.split("-")[2].replace("_", "/") if attack != "none" else None
+        if attack == "l2":
+            assert float(given) == pytest.approx(radius_value(paper) * 32 / 224)
+        elif attack == "linf":
+            assert radius_value(given) == pytest.approx(radius_value(paper))

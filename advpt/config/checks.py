@@ -48,6 +48,10 @@ def check_attack(cfg: DictConfig) -> None:
             raise UserError(f"attack.step_size={attack.step_size} must be > 0 (or null for 5*eps/8)")
         attack.step_size = alpha
     cfg.eps = eps
+    from advpt.radii import to_paper
+
+    with open_dict(cfg):  # recorded beside the radius used: its equivalent at the paper's 224 px
+        cfg.eps_224 = to_paper(attack.name, eps, int(cfg.model.img_size)) if attack.name != "none" else 0.0
 
 
 def attack_kwargs(cfg: DictConfig) -> dict[str, Any] | None:

@@ -28,6 +28,9 @@ from advpt.report.tables import md_table
 
 Row = Mapping[str, Any]
 REPRODUCED, CONTRADICTED, INCONCLUSIVE = "reproduced", "contradicted", "inconclusive"
+UNTESTABLE = "untestable here"
+"""A claim about adversarial pre-training where the premise (pre-training helps at all) fails for every
+method it is about."""
 
 
 def verdict(est: Estimate) -> str:
@@ -68,12 +71,14 @@ class Test:
 
 @dataclass
 class Claim:
-    """A claim of the paper, where in the paper it is made, the differences that test it, the verdict."""
+    """A claim of the paper, where in the paper it is made, the differences that test it, the verdict, and
+    the methods it could not be judged for (pre-training does not help them here)."""
 
     text: str
     source: str
     tests: list[Test]
     verdict: str
+    untestable: tuple[str, ...] = ()
 
 
 def _for_every(text: str, source: str, tests: list[Test]) -> Claim | None:
@@ -100,6 +105,36 @@ def _methods(best: Mapping[agg.Key, Any]) -> list[str]:
         for m in METHOD_LABEL
         if (m, "none", "-") in best and any(k[0] == m and k[1] != "none" for k in best)
     ]
+
+
+def premise(headline: Sequence[Row]) -> Claim | None:
+    """Pre-training helps here: each method's nominal arm (at its best layer decay) − the scratch baseline
+    trained on the same labels. Every claim of the paper is about how much pre-training helps; where it does
+    not help at all, whether adversarial pre-training helps more cannot be seen."""
+    everything = agg.best_decay(headline)
+    scratch = next((k for k in everything if k[0] == "scratch"), None)
+    if scratch is None:
+        return None
+    tests = [
+        Test(f"{_label(key)} − scratch", compare(everything[key][2], everything[scratch][2], AVERAGE))
+        for key in sorted((k for k in everything if k[1] == "none" and k[0] != "scratch"), key=agg.order)
+    ]
+    if not tests:
+        return None
+    return Claim(
+        "pre-training helps here (the premise of every claim below)",
+        "Fig. 1's 0 line",
+        tests,
+        every([t.verdict for t in tests]),
+    )
+
+
+def premise_holds(claim: Claim | None) -> set[str] | None:
+    """The methods whose nominal pre-training beats scratch significantly (``None``: no scratch arm to
+    judge the premise by, so no method is set aside)."""
+    if claim is None:
+        return None
+    return {label for t in claim.tests if t.verdict == REPRODUCED for label in [t.label.split(" ")[0]]}
 
 
 def gains(headline: Sequence[Row]) -> Claim | None:
@@ -237,10 +272,42 @@ CLAIMS: tuple[Callable[..., Claim | None], ...] = (
 """The claims tested on the headline evaluations, in the report's order (transfer comes last)."""
 
 
+WORDS: dict[Callable[..., Claim | None], tuple[str, str]] = {
+    gains: ("every method gains from adversarial pre-training", "Fig. 1"),
+    best_radius_differs: ("the best radius differs by method", "Fig. 1"),
+    gap_narrows: ("adversarial pre-training narrows the gap between methods", "Fig. 1"),
+    decay_keeps_robustness: (
+        "a smaller layer decay keeps more l2 robustness after nominal fine-tuning",
+        "Fig. 5",
+    ),
+    transfer_improves: ("adversarial pre-training improves transfer", "Table 1"),
+}
+"""Each claim's words, for the row that says it is untestable here."""
+
+
 def judge(rows: Sequence[Row], headline: Sequence[Row]) -> list[Claim]:
-    """Every claim the runs can test."""
-    found = [claim(headline) for claim in CLAIMS] + [transfer_improves(rows)]
-    return [c for c in found if c is not None]
+    """Every claim the runs can test, after the premise: where a scratch baseline was trained, each claim
+    about adversarial pre-training is judged on the methods that pre-training helps here, and names the
+    others as untestable here (with no such method, the claim is untestable here)."""
+    first = premise(headline)
+    holds = premise_holds(first)
+    set_aside: tuple[str, ...] = ()
+    if holds is not None:
+        labels = {m: METHOD_LABEL.get(m, m) for r in headline for m in [r["method"]] if m != "scratch"}
+        set_aside = tuple(label for m, label in labels.items() if label not in holds)
+        keep = {m for m, label in labels.items() if label in holds} | {"scratch"}
+        headline = [r for r in headline if r["method"] in keep]
+        rows = [r for r in rows if r["method"] in keep]
+    found: list[Claim] = [first] if first is not None else []
+    for claim in (*CLAIMS, transfer_improves):
+        judged = claim(rows if claim is transfer_improves else headline) if headline else None
+        if judged is not None:
+            judged.untestable = set_aside
+            found.append(judged)
+        elif set_aside:
+            text, source = WORDS[claim]
+            found.append(Claim(text, source, [], UNTESTABLE, set_aside))
+    return found
 
 
 def claims_table(claims: Sequence[Claim]) -> list[str]:
@@ -250,7 +317,14 @@ def claims_table(claims: Sequence[Claim]) -> list[str]:
     rows = [
         [
             f"{c.text} ({c.source})",
-            "<br>".join(f"{t.label}: {t.estimate.stated()} → {t.reading}" for t in c.tests),
+            "<br>".join(
+                [f"{t.label}: {t.estimate.stated()} → {t.reading}" for t in c.tests]
+                + (
+                    [f"untestable here for {', '.join(c.untestable)}: pre-training does not help it here"]
+                    if c.untestable
+                    else []
+                )
+            ),
             f"**{c.verdict}**",
         ]
         for c in claims
@@ -258,6 +332,9 @@ def claims_table(claims: Sequence[Claim]) -> list[str]:
     return [
         md_table(["claim", "tested by (difference in points, 95 % interval)", "verdict"], rows),
         "",
+        "The first row is the premise: each method's nominal pre-training against the scratch baseline trained "
+        "on the same labels. A claim about adversarial pre-training is judged only on the methods for which "
+        "the premise holds, and is untestable here for the others. "
         "A verdict is read from the 95 % interval alone: reproduced when it excludes 0 on the claim's side, "
         "contradicted when it excludes 0 on the other, inconclusive when it holds 0. The arms compared are "
         "each method's best on these same test sets (radius and layer decay), which leans the differences "

@@ -44,21 +44,25 @@ def radius_value(eps: Any) -> float:
     """``4/255`` -> 0.0157, ``0.5`` -> 0.5 (``None`` -> 0)."""
     if eps is None:
         return 0.0
-    try:
-        return float(Fraction(str(eps).strip()))
+    try:  # a label with the paper's units beside (``0.0714 (0.5 @224px)``) is its first number
+        return float(Fraction(str(eps).strip().split(" ")[0]))
     except (ValueError, ZeroDivisionError):
         return float("nan")
 
 
-def radius_label(attack: str, eps: Any) -> str:
-    """A radius as the paper writes it: l_inf as k/255, l2 as a decimal, nominal as ``-``."""
+def radius_label(attack: str, eps: Any, eps_224: Any = None) -> str:
+    """A radius as the paper writes it: l_inf as k/255, l2 as a decimal, nominal as ``-``; an l2 radius
+    used at another image size than 224 px with the paper's units beside: ``0.0714 (0.5 @224px)``."""
     if attack == "none":
         return "-"
     value = radius_value(eps)
     if attack == "linf":
         k = value * 255
         return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{value:g}"
-    return f"{value:g}"
+    paper = radius_value(eps_224) if eps_224 is not None else value
+    if abs(paper - value) <= 1e-9 * max(1.0, value):
+        return f"{value:g}"
+    return f"{value:.3g} ({paper:.3g} @224px)"
 
 
 def _run_dir(weights: Path) -> Path:
@@ -78,6 +82,7 @@ def pretrain_labels(directory: Path) -> dict[str, Any] | None:
         "method": (cfg["method"] or {}).get("name"),
         "attack": attack,
         "eps": 0 if attack == "none" else eps,
+        "eps_224": None if attack == "none" else cfg.get("eps_224"),
         "pretrain_seed": cfg.get("seed", 0),
         "pretrain": str(directory),
     }
@@ -112,7 +117,14 @@ def row_of(results_path: Path, note: Note) -> dict[str, Any] | None:
             )
             return None
     else:
-        labels = {"method": "scratch", "attack": "none", "eps": 0, "pretrain_seed": None, "pretrain": None}
+        labels = {
+            "method": "scratch",
+            "attack": "none",
+            "eps": 0,
+            "eps_224": None,
+            "pretrain_seed": None,
+            "pretrain": None,
+        }
     optim = spec.get("optim") or {}
     sets = {
         name: {"top1": entry["top1"], "images": int(entry.get("images", 0))}
@@ -129,7 +141,7 @@ def row_of(results_path: Path, note: Note) -> dict[str, Any] | None:
     return {
         **labels,
         "eps_value": radius_value(labels["eps"]),
-        "radius": radius_label(labels["attack"], labels["eps"]),
+        "radius": radius_label(labels["attack"], labels["eps"], labels.get("eps_224")),
         "seed": ft_cfg.get("seed", labels.get("pretrain_seed") or 0),
         "data": (spec.get("data") or {}).get("name"),
         "optim": optim.get("name"),
@@ -222,6 +234,6 @@ def knn_curves(roots: Iterable[Path | str], pretrains: Iterable[str | None] = ()
         labels = pretrain_labels(directory)
         if labels is None:  # not a pre-training run
             continue
-        radius = radius_label(labels["attack"], labels["eps"])
+        radius = radius_label(labels["attack"], labels["eps"], labels.get("eps_224"))
         rows += [{**labels, "radius": radius, **point} for point in knn_points(directory)]
     return rows

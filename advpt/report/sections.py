@@ -16,7 +16,7 @@ from advpt.names import ATTACK_LABEL, ATTACKS, METHOD_LABEL, arm_label
 from advpt.report import aggregate as agg
 from advpt.report import convergence as conv
 from advpt.report import plots
-from advpt.report.collect import radius_label
+from advpt.report.collect import radius_label, radius_value
 from advpt.report.differences import fallbacks
 from advpt.report.tables import md_table
 
@@ -119,6 +119,8 @@ def fig1(ev: Evidence) -> Part | None:
     )
     if ev.paper is not None:
         best = agg.best_by_arm(ev.rows)
+        # the label the runs carry (with the paper's units beside a radius used at another image size)
+        shown = {(r["method"], r["attack"], radius_value(r["eps"])): r["radius"] for r in ev.rows}
         lines += ["", "Best radius per method and attack, ours against the paper's:", ""]
         lines.append(
             md_table(
@@ -127,7 +129,7 @@ def fig1(ev: Evidence) -> Part | None:
                     [
                         METHOD_LABEL.get(m, m),
                         ATTACK_LABEL[a],
-                        radius_label(a, eps),
+                        shown.get((m, a, radius_value(eps)), radius_label(a, eps)),
                         ev.paper["best_radius"].get(a, {}).get(m, "-"),
                     ]
                     for (m, a), eps in sorted(best.items(), key=lambda kv: agg.order((*kv[0], "-")))

@@ -41,7 +41,9 @@ from advpt.study.plan import (
     evaluate_job,
     finetune_job,
     finetune_jobs,
+    knn_jobs,
     pretrain_jobs,
+    probe_jobs,
     radius_name,
     transfer_jobs,
 )
@@ -58,7 +60,9 @@ __all__ = [
     "evaluate_job",
     "finetune_job",
     "finetune_jobs",
+    "knn_jobs",
     "pretrain_jobs",
+    "probe_jobs",
     "radius_name",
     "run",
     "run_study",
@@ -84,10 +88,13 @@ def run_study(cfg: DictConfig, root: Path) -> int:
         pretrained = pretrain_jobs(cfg, root)
         runner.stage("pretrain", pretrained)
         finetuned = finetune_jobs(cfg, root, pretrained)
-        runner.stage("finetune", finetuned)
+        probed = probe_jobs(cfg, root, pretrained)
+        runner.stage("finetune", finetuned + probed)
         overrides = _strings(exp.evaluate.overrides)
         evaluated = [evaluate_job(cfg, root, j, overrides) for j in finetuned]
-        runner.stage("evaluate", evaluated)
+        probe_eval = _strings((exp.get("probe") or {}).get("evaluate"))
+        evaluated += [evaluate_job(cfg, root, j, probe_eval) for j in probed]
+        runner.stage("evaluate", evaluated + knn_jobs(cfg, root, pretrained))
         transfer = exp.get("transfer") or {}
         if transfer and _list(transfer.get("datasets")) and not runner.dry_run:
             from advpt.report.aggregate import best_by_arm

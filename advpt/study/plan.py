@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from advpt.errors import UserError
 from advpt.names import ATTACKS, METHODS
@@ -119,6 +119,33 @@ def arms(cfg: DictConfig) -> list[tuple[str, str, Any]]:
     return list(dict.fromkeys(found))
 
 
+def image_side(cfg: DictConfig) -> int:
+    """The image side the study's models see: its ``model`` config's ``img_size`` (recipe=cpu's model when
+    the experiment names none)."""
+    from advpt.config import CONF_DIR
+
+    name = str(cfg.experiment.get("model") or "cpu")
+    for _ in range(4):  # a model config may be an alias of another (``defaults: [name]``)
+        found = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+        if "img_size" in found:
+            return int(found.img_size)
+        name = str(_list(found.get("defaults"))[0])
+    raise UserError(f"model={name}: no img_size")
+
+
+def radius_used(cfg: DictConfig, attack: str, eps: Any) -> Any:
+    """The radius a run is given: the experiment's as written, or, with ``pretrain.radii_units: paper``,
+    its paper radius (224 px) at the study's image side (l2 x side / 224; l_inf unchanged)."""
+    units = str(cfg.experiment.pretrain.get("radii_units") or "used")
+    if units not in ("used", "paper"):
+        raise UserError(f"experiment.pretrain.radii_units={units} is invalid: choose used or paper")
+    if units == "used" or attack != "l2":
+        return eps
+    from advpt.radii import from_paper
+
+    return repr(from_paper(attack, radius_value(eps), image_side(cfg)))
+
+
 def pretrain_jobs(cfg: DictConfig, root: Path) -> list[Job]:
     exp = cfg.experiment
     common = [*([f"model={exp.model}"] if exp.get("model") else []), *_strings(exp.pretrain.overrides)]
@@ -127,9 +154,11 @@ def pretrain_jobs(cfg: DictConfig, root: Path) -> list[Job]:
     jobs = []
     for seed in range(int(cfg.seeds)):
         for method, attack, eps in arms(cfg):
+            # named by the experiment's radius (the paper's, where it gives those)
             arm = f"{method}-none" if attack == "none" else f"{method}-{attack}-{radius_name(eps)}"
             name = f"{arm}-s{seed}"
-            radius = [] if attack == "none" else [f"eps={eps}"]
+            used = radius_used(cfg, attack, eps)
+            radius = [] if attack == "none" else [f"eps={used}"]
             jobs.append(
                 Job(
                     "pretrain",
@@ -137,9 +166,47 @@ def pretrain_jobs(cfg: DictConfig, root: Path) -> list[Job]:
                     name,
                     root / "pretrain" / name,
                     [f"method={method}", f"attack={attack}", *radius, f"seed={seed}", *common],
-                    labels={"method": method, "attack": attack, "eps": eps, "seed": seed},
+                    labels={"method": method, "attack": attack, "eps": used, "seed": seed},
                 )
             )
+    return jobs
+
+
+def knn_jobs(cfg: DictConfig, root: Path, pretrained: list[Job]) -> list[Job]:
+    """kNN evaluation (clean and robust) of every pre-trained encoder: ``experiment.knn``'s overrides."""
+    knn = cfg.experiment.get("knn")
+    if not knn or not knn.get("enabled", True):
+        return []
+    overrides = _strings(knn.get("overrides"))
+    return [
+        Job(
+            "knn",
+            "evaluate",
+            source.name,
+            root / "knn" / source.name,
+            [f"checkpoint={source.directory}", *overrides],
+            needs=source,
+            resumable=False,
+            labels=dict(source.labels),
+        )
+        for source in pretrained
+    ]
+
+
+def probe_jobs(cfg: DictConfig, root: Path, pretrained: list[Job]) -> list[Job]:
+    """A linear probe (frozen encoder) of every pre-trained encoder: ``experiment.probe``'s optimiser and
+    overrides, on the fine-tuning data with its ``data_overrides`` (the same labelled subset)."""
+    probe = cfg.experiment.get("probe")
+    if not probe or not probe.get("enabled", True):
+        return []
+    exp = cfg.experiment
+    data, optim = exp.finetune.data, str(probe.get("optim", "linear_probe"))
+    extra = _strings(probe.get("overrides"))
+    jobs = []
+    for source in pretrained:
+        job = finetune_job(cfg, root, source, source.labels["seed"], data, optim, 1.0, stage="probe")
+        job.overrides += extra
+        jobs.append(job)
     return jobs
 
 
@@ -165,6 +232,8 @@ def finetune_job(
     transfer = exp.get("transfer") or {}
     if stage == "transfer":
         extra = _strings(transfer.get("overrides"))
+    if stage == "probe":  # the fine-tuning data's settings (labels), not its length or optimiser's
+        extra = _strings((exp.get("probe") or {}).get("data_overrides"))
     if source is None:  # the scratch model's own settings come last: they win
         extra += _strings(exp.scratch.get("overrides"))
     data_args = [f"data={data}"]
@@ -200,7 +269,7 @@ def finetune_jobs(cfg: DictConfig, root: Path, pretrained: list[Job]) -> list[Jo
 
 
 def evaluate_job(cfg: DictConfig, root: Path, finetuned: Job, overrides: list[str], suffix: str = "") -> Job:
-    stage = "transfer-evaluate" if finetuned.stage == "transfer" else "evaluate"
+    stage = {"transfer": "transfer-evaluate", "probe": "probe-evaluate"}.get(finetuned.stage, "evaluate")
     name = finetuned.name + suffix
     extra = []
     if cfg.get("variants_root") and "suite=imagenet_variants" in overrides:
