@@ -410,3 +410,49 @@ def test_fig5_leaves_out_a_radius_that_was_not_attacked(tmp_path: Path) -> None:
     assert {p["eval_radius"] for p in points} == {"0.25"} and len(points) == 2
     build_report([tmp_path], tmp_path / "report", note=lambda _m: None)
     assert (tmp_path / "report" / "fig5_robust_vs_decay.png").is_file()
+
+
+def test_every_arm_is_shown_fine_tuned_probed_and_by_knn_and_probes_stay_out_of_table1(
+    tmp_path: Path,
+) -> None:
+    from advpt.report.collect import knn_results
+
+    root = tmp_path / "runs"
+    full = {"builtin": (0.80, 360), "corruptions": (0.5, 100)}
+    make_chain(root, "mae-none", "mae", "none", 0, full)
+    make_chain(
+        root, "mae-none", "mae", "none", 0, {"builtin": (0.60, 360)}, layer_decay=1.0, optim="linear_probe"
+    )
+    make_chain(root, "scratch", "scratch", "none", 0, full, layer_decay=1.0)
+    # pretrain with eps_224 recorded, as a run at 32 px writes it: the label shows the paper's units
+    pre = root / "pretrain" / "mae-l2"
+    pre.mkdir(parents=True)
+    config = {
+        "method": {"name": "mae"},
+        "attack": {"name": "l2"},
+        "eps": 0.0714285,
+        "eps_224": 0.5,
+        "seed": 0,
+    }
+    (pre / "config.yaml").write_text(yaml.safe_dump(config))
+    for name, source, top1 in (("a", root / "pretrain" / "mae-none", 0.41), ("b", pre, 0.45)):
+        (root / "knn" / name).mkdir(parents=True)
+        knn = {"top1": top1, "robust_top1": top1 - 0.1, "norm": "l2", "eps": 0.0714, "queries": 360}
+        results = {"checkpoint": str(source), "suite": "knn", "knn": knn}
+        (root / "knn" / name / "results.json").write_text(json.dumps(results))
+    notes: list[str] = []
+    assert {r["radius"] for r in knn_results([root])} == {"-", "0.0714 (0.5 @224px)"}
+    written = build_report([root], tmp_path / "report", note=notes.append)
+    assert not any("not an evaluation result" in n for n in notes)  # kNN results are read, not skipped
+    with (tmp_path / "report" / "frozen_features.csv").open() as f:
+        table = {r["arm"]: r for r in csv.DictReader(f)}
+    assert float(table["MAE nominal"]["knn"]) == pytest.approx(0.41)
+    assert float(table["MAE nominal"]["probe"]) == pytest.approx(0.60)
+    assert float(table["MAE nominal"]["finetune"]) == pytest.approx(0.80)
+    assert float(table["MAE l2 0.0714 (0.5 @224px)"]["knn"]) == pytest.approx(0.45)
+    (scratch,) = [row for arm, row in table.items() if arm.startswith("scratch")]
+    assert float(scratch["finetune"]) == pytest.approx(0.80) and scratch["probe"] in ("", "None")
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "## Fine-tuning, linear probe and kNN of every arm" in summary
+    table1 = next((p for p in written if p.name == "table1_transfer.csv"), None)
+    assert table1 is None or "linear_probe" not in table1.read_text()

@@ -22,7 +22,7 @@ from advpt.errors import UserError
 from advpt.files import write_text
 from advpt.report.aggregate import headline_rows
 from advpt.report.claims import claim_rows, claims_table, judge
-from advpt.report.collect import collect, knn_curves
+from advpt.report.collect import collect, knn_curves, knn_results
 from advpt.report.convergence import convergence as fine_tuning_runs
 from advpt.report.sections import SECTIONS, Evidence, Section, table1_markdown
 from advpt.report.tables import write_csv
@@ -86,7 +86,8 @@ def build_report(
     headline, data = headline_rows(rows)
     curves = knn_curves(roots, [r["pretrain"] for r in rows])
     runs = fine_tuning_runs(rows)  # each fine-tuning run's metrics.csv, read once
-    evidence = Evidence(rows, headline, paper_values() if paper else None, curves, runs)
+    encoders = knn_results(roots)
+    evidence = Evidence(rows, headline, paper_values() if paper else None, curves, runs, encoders)
     claims = judge(rows, headline) if headline else []
     md = ["# advpt report", "", "## The paper's claims", "", *claims_table(claims)]
     if runs:

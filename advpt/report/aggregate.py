@@ -248,6 +248,7 @@ def _test_set(row: Mapping[str, Any]) -> str | None:
 
 
 REFERENCE_OPTIM = "adamw_lld"  # Table 1's other optimisers are stated against it
+PROBE = "linear_probe"  # reads a frozen encoder: its own section, not a column of Table 1
 
 
 Cell = tuple[str, str, str, str]  # Table 1's (dataset, method, attack, optimiser)
@@ -268,7 +269,7 @@ def table1_groups(
     cells: dict[Cell, dict[float, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     seen = set()
     for r in rows:
-        if r["method"] == "scratch" or (r["method"], r["attack"]) not in best:
+        if r["method"] == "scratch" or (r["method"], r["attack"]) not in best or r["optim"] == PROBE:
             continue
         if abs(radius_value(best[(r["method"], r["attack"])]) - r["eps_value"]) > 1e-9:
             continue

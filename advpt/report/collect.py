@@ -98,6 +98,8 @@ def _outcomes(directory: Path) -> str | None:
 def row_of(results_path: Path, note: Note) -> dict[str, Any] | None:
     """One flat row for an ``evaluate`` run (``None``, with a note, when its lineage cannot be read)."""
     results = _json(results_path)
+    if results.get("suite") == "knn":  # an encoder's kNN evaluation: read by knn_results
+        return None
     if "sets" not in results:
         note(f"skipped {results_path}: not an evaluation result")
         return None
@@ -237,3 +239,35 @@ def knn_curves(roots: Iterable[Path | str], pretrains: Iterable[str | None] = ()
         radius = radius_label(labels["attack"], labels["eps"], labels.get("eps_224"))
         rows += [{**labels, "radius": radius, **point} for point in knn_points(directory)]
     return rows
+
+
+def knn_results(roots: Iterable[Path | str]) -> list[dict[str, Any]]:
+    """One row per kNN evaluation of a pre-trained encoder under ``roots`` (``advpt evaluate
+    checkpoint=<pretrain run>``: results.json with ``suite: knn``), labelled by its pre-training run."""
+    found = []
+    for root in roots:
+        root = Path(root).expanduser()
+        paths = [root] if root.is_file() else sorted(root.glob("**/results.json")) if root.is_dir() else []
+        for path in paths:
+            results = _json(path)
+            knn = results.get("knn")
+            if results.get("suite") != "knn" or not isinstance(knn, dict) or ".hydra" in path.parts:
+                continue
+            source = Path(str(results.get("checkpoint", "")))
+            labels = pretrain_labels(source if source.is_dir() else _run_dir(source))
+            if labels is None:
+                continue
+            found.append(
+                {
+                    **labels,
+                    "radius": radius_label(labels["attack"], labels["eps"], labels.get("eps_224")),
+                    "seed": labels.get("pretrain_seed") or 0,
+                    "top1": knn.get("top1"),
+                    "robust_top1": knn.get("robust_top1"),
+                    "knn_norm": knn.get("norm"),
+                    "knn_eps": knn.get("eps"),
+                    "queries": knn.get("queries"),
+                    "evaluate": str(path.parent),
+                }
+            )
+    return found

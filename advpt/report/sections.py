@@ -28,13 +28,15 @@ class Evidence:
     """What every section reads: every evaluation row, the headline ones behind Fig. 1-3 and 5
     (:func:`advpt.report.aggregate.headline_rows`), the paper's values (``None``: left out), and the
     pre-training runs' kNN monitor points (:func:`advpt.report.collect.knn_curves`), and the fine-tuning
-    runs' convergence (:func:`advpt.report.convergence.convergence`)."""
+    runs' convergence (:func:`advpt.report.convergence.convergence`), and the encoders' kNN evaluations
+    (:func:`advpt.report.collect.knn_results`)."""
 
     rows: Sequence[Row]
     headline: Sequence[Row]
     paper: Mapping[str, Any] | None
     curves: Sequence[Row] = ()
     tuned: Sequence[Row] = ()
+    knn: Sequence[Row] = ()
 
 
 @dataclass
@@ -268,6 +270,60 @@ def knn(ev: Evidence) -> Part | None:
     return Part(curves, lines, draw=lambda path: plots.knn(curves, path))
 
 
+def frozen(ev: Evidence) -> Part | None:
+    """Every arm three ways: fine-tuned (at its best layer decay), its frozen encoder read by a linear probe,
+    and by kNN (clean and robust); test top-1 over its seeds."""
+    probes = [r for r in ev.rows if r.get("optim") == agg.PROBE]
+    if not probes and not ev.knn:
+        return None
+    tuned = agg.best_decay(ev.headline)
+    keys = {*tuned, *(agg.arm_of(r) for r in probes), *(agg.arm_of(r) for r in ev.knn)}
+    table = []
+    for key in sorted(keys, key=agg.order):
+        group = [r for r in probes if agg.arm_of(r) == key]
+        near = [r for r in ev.knn if agg.arm_of(r) == key]
+        clean = [float(r["top1"]) for r in near if r.get("top1") is not None]
+        robust = [float(r["robust_top1"]) for r in near if r.get("robust_top1") is not None]
+        table.append(
+            {
+                "arm": arm_label(*key),
+                "layer_decay": tuned[key][0] if key in tuned else None,
+                "finetune": agg.test_top1(tuned[key][2]) if key in tuned else None,
+                "probe": agg.test_top1(group) if group else None,
+                "knn": sum(clean) / len(clean) if clean else None,
+                "knn_robust": sum(robust) / len(robust) if robust else None,
+                "knn_runs": len(near),
+            }
+        )
+    where = next((r for r in ev.knn), None)
+    radius = (
+        f" (robust: {where['knn_norm']} {where['knn_eps']:.3g})" if where and where.get("knn_eps") else ""
+    )
+    lines = [
+        "The same labels read three ways: fine-tuning (AdamW, layer decay), a linear probe of the frozen "
+        "encoder (MAE's protocol: BatchNorm without affine, LARS) and weighted kNN of its features "
+        f"(k=20; bank: training images, queries: the test split){radius}. Test top-1 in percent; kNN "
+        "averaged over its runs.",
+        "",
+        md_table(
+            ["arm", "fine-tuned %", "γ", "linear probe %", "kNN %", "robust kNN %", "kNN runs"],
+            [
+                [
+                    r["arm"],
+                    r["finetune"].pct() if r["finetune"] is not None else "-",
+                    "-" if r["layer_decay"] is None else f"{r['layer_decay']:g}",
+                    r["probe"].pct() if r["probe"] is not None else "-",
+                    "-" if r["knn"] is None else f"{100 * r['knn']:.2f}",
+                    "-" if r["knn_robust"] is None else f"{100 * r['knn_robust']:.2f}",
+                    r["knn_runs"],
+                ]
+                for r in table
+            ],
+        ),
+    ]
+    return Part(table, lines)
+
+
 def convergence(ev: Evidence) -> Part | None:
     runs = ev.tuned
     if not runs:
@@ -305,6 +361,13 @@ def convergence(ev: Evidence) -> Part | None:
 
 SECTIONS = (
     Section("fig1", "fig1_eps", "Fig. 1: average accuracy against the radius", fig1),
+    Section(
+        "frozen",
+        "frozen_features",
+        "Fine-tuning, linear probe and kNN of every arm",
+        frozen,
+        of_evaluations=False,
+    ),
     Section(
         "fig2", "fig2_variants", "Fig. 2: each evaluation set, best radius of each method and attack", fig2
     ),
