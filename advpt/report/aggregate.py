@@ -121,6 +121,10 @@ def fig1(rows: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], Estim
                 "attack": key[1],
                 "radius": key[2],
                 "eps_value": group[0]["eps_value"],
+                # the paper's units (224 px), where the run recorded them
+                "eps_224": radius_value(group[0]["eps_224"])
+                if group[0].get("eps_224") is not None
+                else group[0]["eps_value"],
                 "layer_decay": decay,
                 "average": est,
                 "minus_scratch": compare(group, scratch[2], AVERAGE) if scratch else None,

@@ -51,15 +51,17 @@ def fig1(table: Sequence[Mapping[str, Any]], base: Estimate | None, path: Path) 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     value = "minus_scratch" if base is not None else "average"
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in table)]
+    # radii used at another image size than 224 px are drawn in the paper's units, and the axis says so
+    key = "eps_224" if any(r.get("eps_224", r["eps_value"]) != r["eps_value"] for r in table) else "eps_value"
     for ax, attack in zip(axes, NORMS, strict=True):
         scale = 255 if attack == "linf" else 1
-        span = max([r["eps_value"] * scale for r in table if r["attack"] == attack] or [1.0])
+        span = max([r[key] * scale for r in table if r["attack"] == attack] or [1.0])
         for i, method in enumerate(methods):
             points = [r for r in table if r["method"] == method and r["attack"] in ("none", attack)]
-            points.sort(key=lambda r: r["eps_value"])
+            points.sort(key=lambda r: r[key])
             if not points:
                 continue
-            xs = [r["eps_value"] * scale + _dodge(i, len(methods), span) for r in points]
+            xs = [r[key] * scale + _dodge(i, len(methods), span) for r in points]
             ys = [100 * r[value].mean for r in points]
             ax.errorbar(
                 xs,
@@ -72,7 +74,8 @@ def fig1(table: Sequence[Mapping[str, Any]], base: Estimate | None, path: Path) 
             )
         if base is not None:
             ax.axhline(0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("radius ε∞ (×1/255)" if attack == "linf" else "radius ε2")
+        paper = " at 224 px (the paper's units)" if key == "eps_224" else ""
+        ax.set_xlabel("radius ε∞ (×1/255)" if attack == "linf" else f"radius ε2{paper}")
         ax.set_title(f"{ATTACK_LABEL[attack]} attacks (radius 0: nominal)")
         ax.grid(alpha=0.3)
     if base is not None:
