@@ -1,4 +1,5 @@
-"""The ``evaluate`` command: clean, shifted and robust top-1 of a fine-tuned classifier (paper §4, Fig. 5).
+"""The ``evaluate`` command: clean, shifted and robust top-1 of a fine-tuned classifier (paper §4, Fig. 5),
+or the kNN top-1 of an encoder without a classifier head.
 
 Two suites. ``auto`` evaluates on what the model was fine-tuned on (``model.json``'s data config): that
 dataset's test split, and the same images under the 15 common corruptions x 5 severities generated on the
@@ -26,17 +27,27 @@ failures), so robust accuracy is over all attacked images.
                        AutoAttack's "version", "attacks", "target_classes"},
      "warnings": [...], "config": {...}}
 
+An encoder (a pre-training run, ``timm:NAME``, an MAE release ``.pth`` with ``model=``) is scored by the
+pre-training monitor's weighted kNN of its pooled features, clean and with each query pushed by PGD away
+from its clean feature (``advpt.evaluate.knn``); a classifier's backbone too with ``knn.enabled=true``.
+Its ``results.json``: ``{"checkpoint", "suite": "knn", "top1_unit", "model", "data", "knn", "warnings",
+"config"}``, where ``"knn": {"top1", "robust_top1" (null: knn.robust=false), "k", "temperature", "bank",
+"queries", "norm", "eps", "steps"}`` (a classifier's results.json gains the same ``knn`` when asked).
+
 Beside it, ``outcomes.npz`` (:mod:`advpt.outcomes`, written first): per set, corruption subset and radius,
 which images the model got right, with the images' indices in their split, so that two models scored on
 the same images can be compared image by image (``advpt report``'s paired differences).
 
-``checkpoint``: find and load the classifier; ``suites``: which sets; ``scoring``: clean top-1;
-``robust``: robust accuracy under PGD, ``autoattack``: under AutoAttack; ``table``: grouping, the
-average, the text table, ``results.json``; ``command``: check, evaluate, run.
+``checkpoint``: find and load the classifier; ``encoder``: an encoder's weights, model and data, the
+``knn`` settings; ``knn``: the kNN measurement (shared with the monitor); ``suites``: which sets;
+``scoring``: clean top-1; ``robust``: robust accuracy under PGD, ``autoattack``: under AutoAttack;
+``table``: grouping, the average, the text table, ``results.json``; ``command``: check, evaluate, run.
 """
 
 from advpt.evaluate.checkpoint import image_size, load_classifier, read_spec, resolve_checkpoint
-from advpt.evaluate.command import check, evaluate, run
+from advpt.evaluate.command import check, evaluate, evaluate_encoder, run
+from advpt.evaluate.encoder import EncoderSource, is_encoder, knn_results, knn_settings, resolve_encoder
+from advpt.evaluate.knn import KnnProbe, KnnScores, knn_top1, knn_votes
 from advpt.evaluate.robust import (
     ATTACKS,
     RobustSpec,
@@ -64,6 +75,9 @@ __all__ = [
     "CORRUPTIONS_GROUP",
     "IMAGENET_SETS",
     "PRECISIONS",
+    "EncoderSource",
+    "KnnProbe",
+    "KnnScores",
     "Numbered",
     "SUITES",
     "RobustSpec",
@@ -76,12 +90,19 @@ __all__ = [
     "clean_score",
     "data_config",
     "evaluate",
+    "evaluate_encoder",
     "format_table",
     "image_size",
     "imagenet_sets",
+    "is_encoder",
+    "knn_results",
+    "knn_settings",
+    "knn_top1",
+    "knn_votes",
     "load_classifier",
     "read_spec",
     "resolve_checkpoint",
+    "resolve_encoder",
     "robust_accuracy",
     "robust_outcomes",
     "robust_results",

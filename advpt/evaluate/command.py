@@ -1,4 +1,5 @@
-"""The ``evaluate`` command: check the config, score every set and the attacks, write ``results.json``."""
+"""The ``evaluate`` command: check the config, score every set and the attacks (an encoder: its kNN),
+write ``results.json``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ from advpt.data.skipping import eval_loader, incomplete, unreadable
 from advpt.data.variants import EvalSet
 from advpt.errors import UserError
 from advpt.evaluate.checkpoint import image_size, load_classifier, read_spec, resolve_checkpoint
+from advpt.evaluate.encoder import (
+    check_fits,
+    encoder_data,
+    is_encoder,
+    knn_results,
+    knn_settings,
+    resolve_encoder,
+)
+from advpt.evaluate.encoder import load as load_encoder
 from advpt.evaluate.robust import robust_results, robust_specs
 from advpt.evaluate.scoring import PRECISIONS, Numbered, Score, clean_outcomes, score_of
 from advpt.evaluate.suites import (
@@ -33,6 +43,7 @@ from advpt.evaluate.table import format_table, summarise
 from advpt.files import write_json
 from advpt.outcomes import FILE as OUTCOMES
 from advpt.outcomes import Outcomes, write_outcomes
+from advpt.published import TIMM
 from advpt.runs import shown, summary
 
 
@@ -48,11 +59,83 @@ def _precision(value: Any) -> torch.dtype | None:
     return PRECISIONS[key]
 
 
+def _check_data(data: dict[str, Any], size: int, touch_data: bool, whose: str, train: bool) -> None:
+    """The dataset is known and there; with ``touch_data`` its test split (and ``train``: its training
+    split) can be built."""
+    from advpt.data.sources import SOURCES, build_source
+
+    if data["name"] not in SOURCES:
+        raise UserError(f"{whose} data {data['name']!r} is not a known dataset ({', '.join(SOURCES)})")
+    if data["name"] == "shards":  # a folder, or a list / pattern of shard URLs, local or remote
+        from advpt.data.shards import Located
+
+        Located(data)  # one line when the shards' folder or info.json is not there
+    elif data["name"] != "builtin":
+        root = Path(str(data.get("root") or "data")).expanduser()
+        downloadable = data["name"] in ("cifar10", "cifar100") and data.get("download")
+        if not root.exists() and not downloadable:
+            raise UserError(f"{whose} data.root={root} does not exist; pass data_root=PATH")
+    if not touch_data:
+        return
+    for split, name in ((False, "test"), (True, "training"))[: 2 if train else 1]:
+        if build_source(data, train=split, image_size=size) is None:
+            raise UserError(
+                f"data {data['name']} at {data.get('root')} has no {name} split "
+                "(an ImageFolder needs ROOT/val or ROOT/test); pass data_root=PATH"
+            )
+
+
+def _knn_wanted(cfg: DictConfig, encoder: bool) -> bool:
+    """``knn.enabled``: null means on for an encoder, off for a fine-tuned classifier."""
+    return encoder if cfg.knn.enabled is None else bool(cfg.knn.enabled)
+
+
+def _check_encoder(cfg: DictConfig, touch_data: bool) -> None:
+    """``checkpoint=`` an encoder: scored by kNN alone, on its data."""
+    from advpt.data.sources import SOURCES, check_source
+
+    if cfg.suite != "auto":
+        raise UserError(
+            f"suite={cfg.suite} scores a classifier; checkpoint={cfg.checkpoint} is an encoder without "
+            "a classifier head, scored by kNN: leave suite out"
+        )
+    if not _knn_wanted(cfg, encoder=True):
+        raise UserError(
+            f"knn.enabled=false leaves nothing to evaluate: checkpoint={cfg.checkpoint} is an encoder "
+            "without a classifier head, scored by kNN alone"
+        )
+    encoder = resolve_encoder(cfg.checkpoint, cfg.get("model"))
+    check_fits(encoder)
+    data, _ = encoder_data(encoder, cfg.get("data"), cfg.data_root)
+    if touch_data and data["name"] in SOURCES:  # what pretrain checks: a path that is not there, one line
+        check_source(data)
+    _check_data(data, encoder.image_size, touch_data, "the encoder's", train=True)
+
+
 def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
     """Check a composed ``evaluate`` config (paths, suite, ranges) before anything is written; returns it."""
     check_arguments("evaluate", cfg)
     if cfg.suite not in SUITES:
         raise UserError(f"unknown suite {cfg.suite!r}; choose one of {', '.join(SUITES)}")
+    knn_settings(cfg.knn)
+    positive_int(cfg.batch_size, "batch_size")
+    if cfg.num_workers is not None:
+        positive_int(cfg.num_workers, "num_workers", low=0)
+    _precision(cfg.precision)
+    if is_encoder(cfg.checkpoint):
+        _check_encoder(cfg, touch_data)
+        return cfg
+    if str(cfg.checkpoint) != "latest" and not Path(str(cfg.checkpoint)).expanduser().exists():
+        raise UserError(
+            f"checkpoint={cfg.checkpoint} does not exist (give a fine-tuning run directory or its "
+            "model.safetensors; or, for kNN, a pre-training run directory, timm:NAME or an MAE release .pth)"
+        )
+    for group in ("model", "data"):
+        if cfg.get(group) is not None:
+            raise UserError(
+                f"{group}= is for an encoder's kNN evaluation; a fine-tuned model's {group} is read from "
+                f"its model.json ({'data_root=PATH moves its data' if group == 'data' else 'leave model= out'})"
+            )
     weights = resolve_checkpoint(cfg.checkpoint)
     spec = read_spec(weights)
     size = image_size(spec)
@@ -71,37 +154,11 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
         crop = cfg.crop_pct
         if isinstance(crop, bool) or not isinstance(crop, int | float) or not 0 < crop <= 1:
             raise UserError(f"crop_pct={crop} must be a number in (0, 1]")
-    else:
-        from advpt.data.sources import SOURCES
-
-        data = data_config(spec, cfg.data_root)
-        if data["name"] not in SOURCES:
-            raise UserError(
-                f"model.json's data {data['name']!r} is not a known dataset ({', '.join(SOURCES)})"
-            )
-        if data["name"] == "shards":  # a folder, or a list / pattern of shard URLs, local or remote
-            from advpt.data.shards import Located
-
-            Located(data)  # one line when the shards' folder or info.json is not there
-        elif data["name"] != "builtin":
-            root = Path(str(data.get("root") or "data")).expanduser()
-            downloadable = data["name"] in ("cifar10", "cifar100") and data.get("download")
-            if not root.exists() and not downloadable:
-                raise UserError(f"the model's data.root={root} does not exist; pass data_root=PATH")
-        if touch_data:
-            from advpt.data.sources import build_source
-
-            if build_source(data, train=False, image_size=size) is None:
-                raise UserError(
-                    f"data {data['name']} at {data.get('root')} has no test split "
-                    "(an ImageFolder needs ROOT/val or ROOT/test); pass data_root=PATH"
-                )
-    positive_int(cfg.batch_size, "batch_size")
-    if cfg.num_workers is not None:
-        positive_int(cfg.num_workers, "num_workers", low=0)
+    if cfg.suite == "auto" or _knn_wanted(cfg, encoder=False):
+        train = _knn_wanted(cfg, encoder=False)  # the kNN's bank is the model's training split
+        _check_data(data_config(spec, cfg.data_root), size, touch_data, "model.json's", train)
     _optional_cap(cfg.max_images, "max_images")
     _optional_cap(cfg.subset_max_images, "subset_max_images")
-    _precision(cfg.precision)
     if cfg.robust.enabled:
         robust_specs(cfg.robust, size)
         _optional_cap(cfg.robust.max_images, "robust.max_images")
@@ -118,6 +175,8 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
     from tqdm.auto import tqdm
 
     cfg = check(cfg, touch_data=False)
+    if is_encoder(cfg.checkpoint):
+        return evaluate_encoder(cfg, out_dir, warn)
     warnings: list[str] = []
 
     def note(message: str) -> None:
@@ -213,11 +272,85 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
         "warnings": warnings,
         "config": OmegaConf.to_container(cfg, resolve=False),
     }
+    if _knn_wanted(cfg, encoder=False):  # the backbone's pooled features, the head left out
+        data = data_config(spec, cfg.data_root)
+        results["knn"] = knn_results(model, data, knn_settings(cfg.knn), seed, int(workers), dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     # the images behind every number: written first, so that a finished evaluation (results.json) has both
     write_outcomes(out_dir / OUTCOMES, outcomes, split)
     write_json(out_dir / "results.json", results)
     return results
+
+
+def evaluate_encoder(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[str, Any]:
+    """The kNN top-1 (clean and robust) of an encoder without a classifier head; writes
+    ``out_dir/results.json`` and returns its content."""
+    warnings: list[str] = []
+
+    def note(message: str) -> None:
+        warnings.append(message)
+        warn(message)
+
+    source = resolve_encoder(cfg.checkpoint, cfg.get("model"))
+    encoder, loaded = load_encoder(source)  # first: timm's weights may turn out to be unreachable
+    for message in loaded:  # a resampled position embedding
+        note(message)
+    data, fallback = encoder_data(source, cfg.get("data"), cfg.data_root)
+    if fallback:
+        note(fallback)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    workers = cfg.num_workers if cfg.num_workers is not None else int(data.get("num_workers", 0))
+    knn = knn_results(
+        encoder.to(device),
+        data,
+        knn_settings(cfg.knn),
+        int(cfg.seed),
+        int(workers),
+        _precision(cfg.precision),
+    )
+    model = source.model
+    results = {
+        "checkpoint": source.source,
+        "suite": "knn",
+        "top1_unit": "fraction",
+        "model": {"name": model["name"], "image_size": model["img_size"], "patch_size": model["patch_size"]},
+        "data": {"name": data["name"], "root": data.get("root")},
+        "knn": knn,
+        "warnings": warnings,
+        "config": OmegaConf.to_container(cfg, resolve=False),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "results.json", results)  # the product: the evaluation is finished (advpt.runs)
+    return results
+
+
+def headline(results: Mapping[str, Any], where: Path) -> str:
+    """The summary's first line: the kNN top-1 when there is one, and where the results are."""
+    knn = results.get("knn")
+    said = f"results in {shown(where)}"
+    if not knn:
+        return said
+    robust = knn["robust_top1"]
+    scores = f"kNN top-1 {100 * knn['top1']:.2f} %" + (
+        f" (robust {100 * robust:.2f} %, {knn['norm']} {knn['eps']:g})" if robust is not None else ""
+    )
+    return f"{scores}, {said}"
+
+
+def next_command(results: Mapping[str, Any]) -> str:
+    """What to run next: fine-tune an encoder (its run directory; a release with its model=), else
+    visualise the fine-tuned model's filters."""
+    from hydra.core.hydra_config import HydraConfig
+
+    weights = Path(results["checkpoint"])
+    if results["suite"] != "knn":
+        return f"advpt visualize checkpoint={shown(weights.parent)}"
+    if weights.name == "encoder.safetensors":
+        return f"advpt finetune pretrained={shown(weights.parent)}"
+    source = results["checkpoint"]
+    model = HydraConfig.get().runtime.choices.get("model")
+    shown_source = source if source.startswith(TIMM) else shown(weights)
+    return f"advpt finetune pretrained={shown_source}" + (f" model={model}" if model else "")
 
 
 def run(cfg: DictConfig) -> None:
@@ -226,12 +359,4 @@ def run(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     results = evaluate(cfg, out_dir)
     print(format_table(results))
-    model_run = Path(results["checkpoint"]).parent
-    print(
-        summary(
-            "evaluate",
-            out_dir,
-            f"results in {shown(out_dir / 'results.json')}",
-            f"advpt visualize checkpoint={shown(model_run)}",
-        )
-    )
+    print(summary("evaluate", out_dir, headline(results, out_dir / "results.json"), next_command(results)))

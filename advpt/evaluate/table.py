@@ -49,18 +49,38 @@ def summarise(
 
 
 def format_table(results: Mapping[str, Any]) -> str:
-    """``results.json`` as aligned text: top-1 % per set, the average, then robust accuracy."""
+    """``results.json`` as aligned text: top-1 % per set, the average, robust accuracy, then the kNN's."""
 
     def pct(v: float | None) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
+    lines = [f"checkpoint: {results['checkpoint']}"]
+    if "sets" in results:  # a fine-tuned classifier (an encoder has the kNN alone)
+        lines += _set_lines(results, pct)
+    knn = results.get("knn")
+    if knn:
+        robust = f"robust ({knn['norm']} {knn['eps']:g}, PGD-{knn['steps']})"
+        width = max(len("clean"), len(robust))
+        lines += [
+            "",
+            f"weighted kNN of the features (k={knn['k']}, T={knn['temperature']:g}): "
+            f"{knn['bank']} training images as the bank, {knn['queries']} queries",
+            f"{'kNN':<{width}}  {'top-1 %':>8}",
+            f"{'clean':<{width}}  {pct(knn['top1']):>8}",
+            f"{robust:<{width}}  {pct(knn['robust_top1']):>8}",
+        ]
+    return "\n".join(lines)
+
+
+def _set_lines(results: Mapping[str, Any], pct: Any) -> list[str]:
+    """A classifier's rows: top-1 % per set, the average, then robust accuracy."""
     rows = [
         (name if "group" not in e else "  " + name.split("/", 1)[1], e) for name, e in results["sets"].items()
     ]
     avg = results["average"]
     avg_label = f"average ({avg['sets']} of {avg['of']} sets)"
     width = max([len("set"), len(avg_label)] + [len(r) for r, _ in rows])
-    lines = [f"checkpoint: {results['checkpoint']}", f"{'set':<{width}}  {'top-1 %':>8}  {'images':>8}"]
+    lines = [f"{'set':<{width}}  {'top-1 %':>8}  {'images':>8}"]
     lines += [f"{label:<{width}}  {pct(e['top1']):>8}  {e['images']:>8}" for label, e in rows]
     lines.append(f"{avg_label:<{width}}  {pct(avg['top1']):>8}")
     robust = results.get("robust") or {}
@@ -81,4 +101,4 @@ def format_table(results: Mapping[str, Any]) -> str:
         for norm, by_radius in robust.items():
             for radius, r in by_radius.items():
                 lines.append(f"{norm:<6}  {radius:>8}  {pct(r['accuracy']):>8}  {r['images']:>8}")
-    return "\n".join(lines)
+    return lines
