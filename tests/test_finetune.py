@@ -275,7 +275,7 @@ def bad_files(pretrain_run: Path, tmp_path: Path) -> Path:
         (["pretrained=none", "layer_decay=abc"], "layer_decay='abc' is not a number"),
         (
             ["pretrained=none", "optim=foo"],
-            "unknown optim option 'foo'; choose one of: adamw_lld, sgd_transfer",
+            "unknown optim option 'foo'; choose one of: adamw_lld, linear_probe, sgd_transfer",
         ),
         (
             ["pretrained=none", "optim=sgd_transfer", "layer_decay=0.65"],

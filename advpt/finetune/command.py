@@ -95,7 +95,7 @@ def export_classifier(
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    state = full_state(module.vit) if state is None else state
+    state = module.classifier_state(state)  # a linear probe's norm folded into its head
     # drop_path_rate only acts in training: the description is of the architecture.
     kwargs = {k: v for k, v in module.net.kwargs.items() if k != "drop_path_rate"}
     spec = {

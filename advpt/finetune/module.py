@@ -17,12 +17,41 @@ from advpt.finetune.recipes import build_optimizer, build_scheduler, train_trans
 from advpt.models import Encoder
 
 HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init
+PROBE_HEAD_INIT_STD = 0.01  # MAE's linear-probe head init (main_linprobe.py)
+PROBE_NORM_EPS = 1e-6  # MAE's BatchNorm1d before the probe's head
 
 
-def init_head(vit: nn.Module) -> None:
+def init_head(vit: nn.Module, std: float = HEAD_INIT_STD) -> None:
     """A fresh classifier head, MAE's way: tiny truncated-normal weights, zero bias."""
-    nn.init.trunc_normal_(vit.head.weight, std=HEAD_INIT_STD)
+    nn.init.trunc_normal_(vit.head.weight, std=std)
     nn.init.zeros_(vit.head.bias)
+
+
+def probe(vit: nn.Module) -> None:
+    """MAE's linear probe on ``vit``: the encoder frozen, its head reading batch-normalised features.
+
+    The norm has no affine part (``BatchNorm1d(D, affine=False)``); its running statistics belong to
+    the head and train with it. ``head`` becomes ``Sequential(norm, linear)``; see :func:`fold_probe_norm`.
+    """
+    init_head(vit, PROBE_HEAD_INIT_STD)
+    vit.requires_grad_(False)
+    linear = vit.head.requires_grad_(True)
+    vit.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=PROBE_NORM_EPS), linear)
+
+
+def fold_probe_norm(state: Mapping[str, Tensor], eps: float = PROBE_NORM_EPS) -> dict[str, Tensor]:
+    """A probe's state dict with its eval-mode norm folded into the linear head: a plain timm ``head``.
+
+    W' = W / sqrt(var + eps), b' = b - W'·mean, computed in float64, stored in the head's dtype.
+    """
+    state = dict(state)
+    mean, var = state.pop("head.0.running_mean").double(), state.pop("head.0.running_var").double()
+    state.pop("head.0.num_batches_tracked", None)
+    weight, bias = state.pop("head.1.weight"), state.pop("head.1.bias")
+    folded = weight.double() / torch.sqrt(var + eps)
+    state["head.weight"] = folded.to(weight.dtype)
+    state["head.bias"] = (bias.double() - folded @ mean).to(bias.dtype)
+    return state
 
 
 class FinetuneData(ResumableData):
@@ -107,7 +136,11 @@ class FineTuner(L.LightningModule):
         self.optim_cfg, self.num_classes = dict(optim), int(num_classes)
         self.layer_decay, self.batch_size, self.seed = float(layer_decay), int(batch_size), int(seed)
         self.net = Encoder.from_config(model, self.num_classes, drop_path_rate=float(optim["drop_path_rate"]))
-        init_head(self.net.vit)
+        self.frozen_encoder = bool(optim.get("frozen_encoder", False))
+        if self.frozen_encoder:
+            probe(self.net.vit)
+        else:
+            init_head(self.net.vit)
         mixup, cutmix = float(optim.get("mixup", 0.0)), float(optim.get("cutmix", 0.0))
         self.smoothing = float(optim.get("label_smoothing", 0.0))
         self.mixup = (
@@ -123,6 +156,15 @@ class FineTuner(L.LightningModule):
         self.val_top1 = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.validated_at: int | None = None
         self.activation_checkpointing, self.sharded = bool(activation_checkpointing), False
+        self.train()
+
+    def train(self, mode: bool = True) -> FineTuner:
+        """A frozen encoder stays in eval mode (no dropout, drop path, statistics); its head follows ``mode``."""
+        super().train(mode)
+        if self.frozen_encoder:
+            self.vit.eval()
+            self.vit.head.train(mode)
+        return self
 
     def configure_model(self) -> None:
         """``activation_checkpointing=true`` and ``trainer.strategy=fsdp`` (see advpt.training.sharding)."""
@@ -142,6 +184,16 @@ class FineTuner(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def classifier_state(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The timm classifier's state dict to export (``state``: gathered beforehand under FSDP).
+
+        A linear probe's norm is folded into its head, so the file loads into ``timm.create_model``.
+        """
+        from advpt.training.sharding import full_state
+
+        state = full_state(self.vit) if state is None else dict(state)
+        return fold_probe_norm(state, self.vit.head[0].eps) if self.frozen_encoder else state
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         from advpt.data.module import seed_batch

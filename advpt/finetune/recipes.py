@@ -1,7 +1,8 @@
 """Fine-tuning's recipes (the ``optim`` group): the optimiser, the schedule and the augmentation.
 
 MAE's fine-tuning uses AdamW with layer-wise lr decay and RandAugment (paper §4.2, App. C); Steiner et
-al.'s transfer uses SGD with momentum at one lr and resize + flip (App. E).
+al.'s transfer uses SGD with momentum at one lr and resize + flip (App. E); MAE's linear probe uses LARS
+and a random resized crop + flip.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from torch import Tensor, nn
 
 from advpt.models import IMAGENET_MEAN, IMAGENET_STD
 
-OPTIMIZERS = ("adamw", "momentum")
-TRANSFORMS = ("randaugment", "resize_flip")
+OPTIMIZERS = ("adamw", "momentum", "lars")
+TRANSFORMS = ("randaugment", "resize_flip", "crop_flip")
 
 
 def build_optimizer(
@@ -28,6 +29,8 @@ def build_optimizer(
     """
     from timm.optim import create_optimizer_v2
 
+    if optim["opt"] == "lars":
+        return mae_lars(vit, optim, lr)
     extra = (
         {"betas": tuple(optim["betas"])}
         if optim["opt"] == "adamw"
@@ -40,6 +43,31 @@ def build_optimizer(
         weight_decay=float(optim["weight_decay"]),
         layer_decay=float(layer_decay) if optim["opt"] == "adamw" else None,
         **extra,
+    )
+
+
+def mae_lars(vit: nn.Module, optim: Mapping[str, Any], lr: float) -> torch.optim.Optimizer:
+    """MAE's LARS (``util/lars.py``) as timm's ``Lars``, on the parameters that train.
+
+    MAE adapts only parameters with more than one dimension (weight decay, then the trust ratio
+    ``trust_coefficient·‖w‖/‖g‖``) and gives biases and norms plain momentum SGD. timm's ``Lars`` adapts a
+    whole group or none of it, so matrices and vectors get a group each. ``eps=0``: MAE's ratio has none.
+    With weight decay the two differ (timm divides by ‖g‖ + wd·‖w‖, MAE by ‖g + wd·w‖): equal at 0 only.
+    """
+    from timm.optim import Lars
+
+    trained = [p for p in vit.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trained if p.ndim > 1], "always_adapt": True},
+        {"params": [p for p in trained if p.ndim <= 1], "always_adapt": False, "weight_decay": 0.0},
+    ]
+    return Lars(
+        [g for g in groups if g["params"]],
+        lr=lr,
+        momentum=float(optim["momentum"]),
+        weight_decay=float(optim["weight_decay"]),
+        trust_coeff=float(optim["trust_coefficient"]),
+        eps=0.0,
     )
 
 
@@ -86,15 +114,16 @@ def train_transform(optim: Mapping[str, Any], size: int) -> Any:
 
     # timm's pipeline as MAE calls it, with ImageNet statistics so that RandAugment's fill colour and the
     # noise of random erasing are MAE's; undone at the end, erased pixels clipped into [0, 1].
+    augment = optim["transform"] == "randaugment"  # crop_flip: the crop and flip alone (MAE's linear probe)
     timm_transform = create_transform(
         size,
         is_training=True,
         scale=tuple(float(v) for v in optim.get("scale", (0.08, 1.0))),
         hflip=float(optim.get("hflip", 0.5)),
-        auto_augment=optim["auto_augment"] or None,
+        auto_augment=(optim["auto_augment"] or None) if augment else None,
         color_jitter=None,
         interpolation="bicubic",
-        re_prob=float(optim["re_prob"]),
+        re_prob=float(optim["re_prob"]) if augment else 0.0,
         re_mode="pixel",
         re_count=1,
         mean=IMAGENET_MEAN,
