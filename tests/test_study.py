@@ -331,7 +331,7 @@ def test_mini_fine_tunes_every_arm_and_scratch_on_the_same_scarce_labels_at_the_
     for job in [*tuned, *probes]:
         assert _last(job, "data.labels_per_class") == "10" and _last(job, "data.labels_seed") is None
         assert int(_last(job, "seed")) == job.labels["seed"]
-        assert int(_last(job, "optim.min_steps")) == 500
+        assert int(_last(job, "optim.min_steps")) >= 500
     assert {_last(j, "optim") for j in probes} == {"linear_probe"} and len(probes) == len(pre)
     assert [j.needs for j in knn_jobs(cfg, tmp_path, pre)] == pre
     # the experiment's radii are the paper's at 224 px: l2 converted to 32 px, l_inf as written
