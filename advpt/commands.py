@@ -21,7 +21,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "finetune": Command(
         "advpt.finetune",
-        "fine-tune a pre-trained encoder (AdamW + layer-wise lr decay) or transfer it (optim=sgd_transfer)",
+        "fine-tune a pre-trained encoder (AdamW + layer-wise lr decay), transfer it (optim=sgd_transfer) "
+        "or probe it frozen (optim=linear_probe); data.labels_per_class=N for scarce labels",
     ),
     "evaluate": Command(
         "advpt.evaluate",

@@ -237,3 +237,11 @@ def test_linear_probe_run_keeps_the_pretrained_encoder_and_exports_a_timm_classi
         assert torch.equal(weights[name], tensor), name  # frozen, bit for bit
     record = json.loads((run_dir / "run.json").read_text())
     assert record["steps"] == 3 and 0.0 <= record["val_top1"] <= 1.0
+
+
+def test_lars_with_weight_decay_is_refused_in_one_line(capsys) -> None:
+    from conftest import run_cli
+
+    assert run_cli(["finetune", "pretrained=none", "optim=linear_probe", "optim.weight_decay=0.05"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only at weight_decay=0" in err[0]

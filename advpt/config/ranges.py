@@ -177,6 +177,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "optim.cutmix": NON_NEGATIVE,
         "optim.label_smoothing": FRACTION,
         "optim.min_steps": INDEX,
+        "optim.trust_coefficient": Range(0, low_open=True),
         "data.labels_per_class": OPTIONAL_COUNT,
         "data.label_fraction": Range(0, 1, low_open=True, special=(None,)),
         "data.labels_seed": Range(0, integer=True, special=(None,)),

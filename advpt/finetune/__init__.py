@@ -1,7 +1,8 @@
 """The ``finetune`` command: a pre-trained encoder plus a fresh head, trained on labels.
 
-Two recipes (the ``optim`` group): MAE's fine-tuning with layer-wise lr decay (paper §4.2, App. C)
-and Steiner et al.'s SGD transfer (App. E). The result is a plain timm classifier,
+Three recipes (the ``optim`` group): MAE's fine-tuning with layer-wise lr decay (paper §4.2, App. C),
+Steiner et al.'s SGD transfer (App. E) and MAE's linear probe of the frozen encoder; on a class-balanced
+share of the labels where ``data.labels_per_class`` asks for one. The result is a plain timm classifier,
 ``model.safetensors`` + ``model.json``, that loads with ``timm.create_model(name, **kwargs)``.
 
 ``pretrained``: find, check and load the encoder; ``recipes``: optimiser, schedule, augmentation;

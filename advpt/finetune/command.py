@@ -50,11 +50,22 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
             raise UserError(
                 f"optim.transform={optim.transform} is unknown; choose one of {', '.join(TRANSFORMS)}"
             )
+        if optim.opt == "lars" and float(optim.weight_decay) != 0:
+            # timm's trust ratio divides by |g| + wd|w|, MAE's by |g + wd w|: the same only without decay
+            raise UserError(
+                f"optim.weight_decay={optim.weight_decay} with LARS: the linear probe's LARS equals MAE's "
+                "only at weight_decay=0 (its protocol's value)"
+            )
         gamma = parse_number(cfg.layer_decay, "layer_decay")
         if optim.opt != "adamw" and gamma != 1:
             raise UserError(
-                f"layer_decay={cfg.layer_decay} does not apply to optim={optim.name}, which trains "
-                "every layer at one lr (Steiner et al.): leave layer_decay out, or use optim=adamw_lld"
+                f"layer_decay={cfg.layer_decay} does not apply to optim={optim.name}, which "
+                + (
+                    "trains the head alone on a frozen encoder"
+                    if optim.get("frozen_encoder")
+                    else "trains every layer at one lr (Steiner et al.)"
+                )
+                + ": leave layer_decay out, or use optim=adamw_lld"
             )
         cfg.layer_decay = gamma
         optim.pop("layer_decay", None)
