@@ -404,3 +404,33 @@ def test_clean_loss_is_measured_on_the_steps_lightning_logs(tmp_path: Path, monk
     assert len(rows) == 4
     for row in rows:  # same batch and mask: the attack shows in every row
         assert float(row["train/loss_clean"]) < float(row["train/loss_attacked"]), row
+
+
+def _tree(root: Path, split: str, classes: tuple[str, ...]) -> None:
+    from PIL import Image
+
+    for label in classes:
+        (root / split / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (len(label) * 40, 90, 30)).save(root / split / label / "0.png")
+
+
+def test_a_held_out_split_is_numbered_by_the_training_split_s_class_names(tmp_path: Path) -> None:
+    from advpt.data.sources import build_source
+
+    _tree(tmp_path, "train", ("a", "b", "c"))
+    _tree(tmp_path, "val", ("a", "c"))  # b absent: c keeps train/'s number 2, not val/'s own 1
+    held_out = build_source({"name": "imagefolder", "root": str(tmp_path)}, train=False)
+    assert held_out.classes == ["a", "b", "c"]
+    assert sorted(held_out.targets) == [0, 2]
+
+
+def test_a_held_out_class_the_training_split_lacks_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    _tree(tmp_path / "data", "train", ("a", "b"))
+    _tree(tmp_path / "data", "val", ("a", "z"))  # torchvision alone would score z as b
+    monkeypatch.chdir(tmp_path)
+    code = run_cli(["finetune", "pretrained=none", "data=imagefolder", f"data.root={tmp_path / 'data'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "val/ has classes train/ lacks: z" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
 
 from advpt.data.transfer import TRANSFER, build_transfer, check_transfer
 from advpt.errors import UserError
@@ -77,6 +78,33 @@ def _imagefolder_root(root: Path, train: bool) -> Path | None:
     return root if train else None
 
 
+def _classes(folder: Path) -> list[str]:
+    """ImageFolder's classes: the sub-folders, sorted."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+class TrainNumbered(ImageFolder):
+    """An evaluation split whose class numbers are the training split's, matched by folder name.
+
+    torchvision numbers each folder's classes on its own: ``train/{a,b}`` and ``val/{a,z}`` would score
+    ``z`` as ``b``. A class the training split lacks is refused; one it has that is absent here is fine.
+    """
+
+    def __init__(self, folder: Path, classes: list[str], **kwargs: Any) -> None:
+        unknown = sorted(set(_classes(folder)) - set(classes))
+        if unknown:
+            raise UserError(
+                f"{folder} has classes the training split lacks: {', '.join(unknown[:5])}"
+                f"{' ...' if len(unknown) > 5 else ''} (its class folders must be among train/'s, "
+                "matched by name)"
+            )
+        self.given = list(classes)
+        super().__init__(str(folder), **kwargs)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self.given, {c: i for i, c in enumerate(self.given)}
+
+
 def build_source(data: Mapping[str, Any], train: bool = True, image_size: int = 32) -> Dataset | None:
     """The dataset named by ``data.name`` (``None`` when it has no such split)."""
     name = data["name"]
@@ -90,14 +118,14 @@ def build_source(data: Mapping[str, Any], train: bool = True, image_size: int = 
     if name in ("cifar10", "cifar100"):
         return _cifar(name, root, train, bool(data.get("download", True)))
     if name == "imagefolder":
-        from torchvision.datasets import ImageFolder
-
         folder = _imagefolder_root(root, train)
         if folder is None:
             return None
         try:
             from advpt.data.skipping import open_rgb
 
+            if not train:  # numbered by the training split's classes, by name
+                return TrainNumbered(folder, _classes(root / "train"), loader=open_rgb, allow_empty=True)
             # an unreadable file comes back as None: skipped and counted, never fatal
             return ImageFolder(str(folder), loader=open_rgb)
         except (FileNotFoundError, OSError) as e:
@@ -124,6 +152,15 @@ def check_source(data: Mapping[str, Any]) -> None:
             raise UserError(
                 f"data.root={root} holds no class sub-folders (ImageFolder layout: ROOT/<class>/<image>)"
             )
+        held_out = _imagefolder_root(root, False)
+        if held_out is not None:  # before anything is written: a class train/ lacks would be mislabelled
+            unknown = sorted(set(_classes(held_out)) - set(_classes(folder)))
+            if unknown:
+                raise UserError(
+                    f"data.root={root}: {held_out.name}/ has classes train/ lacks: {', '.join(unknown[:5])}"
+                    f"{' ...' if len(unknown) > 5 else ''} (its class folders must be among train/'s, "
+                    "matched by name)"
+                )
     elif name in ("cifar10", "cifar100"):
         root = Path(str(data.get("root") or "data")).expanduser()
         if not root.exists() and not data.get("download", True):
