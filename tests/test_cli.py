@@ -57,6 +57,7 @@ FAST = [
         (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is invalid"),
         (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 is out of range"),
         (["seed=-1"], "seed=-1 is invalid: expected an integer >= 0"),
+        (["model.name=vit_nonexistent"], "model.name=vit_nonexistent is not a timm model"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, needle, tmp_path, monkeypatch, capsys) -> None:

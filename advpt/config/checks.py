@@ -90,6 +90,15 @@ def check_pretrain(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
 def check_run(cfg: DictConfig, touch_data: bool = True) -> None:
     """What every training command checks after :func:`check_arguments`: the machine, resume, data."""
     check_environment(cfg.trainer)
+    model = cfg.get("model")
+    if model is not None and model.get("name"):
+        import timm
+
+        if not timm.is_model(str(model.name)):
+            near = timm.list_models(f"{str(model.name).split('_')[0]}_*")[:4] or timm.list_models("vit_*")[:4]
+            raise UserError(
+                f"model.name={model.name} is not a timm model (timm.list_models() names them; e.g. {', '.join(near)})"
+            )
     if cfg.resume is not None and str(cfg.resume) != "auto":
         from advpt.resume import read_progress
 
