@@ -136,6 +136,42 @@ def frozen(module: nn.Module | None) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+FP16_SCALE = 2.0**15
+"""The first loss scale under float16 (as a GradScaler's, less one power of two: a gradient of 2**16
+entering float16 is already inf)."""
+
+
+def runs_in_fp16(x: Tensor, model: nn.Module | None) -> bool:
+    """Whether the loss's backward passes through float16: fp16 autocast, or an fp16 input or model."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+        return True
+    if x.dtype == torch.float16:
+        return True
+    return model is not None and any(p.dtype == torch.float16 for p in model.parameters())
+
+
+def input_gradient(loss_of: Callable[[Tensor], Tensor], delta: Tensor, scale: float) -> Tensor:
+    """d sum(loss) / d delta, with the loss multiplied by ``scale`` before the backward pass.
+
+    Under float16 an input gradient below its smallest subnormal (6e-8) is 0, and so is the step taken
+    from it; a loss scale lifts the backward pass into fp16's range (neither the sign of the gradient nor
+    its l2 direction depends on the scale, and it is divided out). A scale that overflows (a non-finite
+    gradient) is lowered 8-fold and the pass repeated; at 1 what is still not finite is set to 0, so no
+    example steps on an inf or nan. ``scale`` 1 (fp32, bf16) is the plain gradient.
+    """
+    scaled = scale != 1.0
+    while True:
+        delta.requires_grad_(True)
+        loss = loss_of(delta)
+        (grad,) = torch.autograd.grad(loss.sum() * scale if scaled else loss.sum(), delta)
+        if not scaled:  # fp32 / bf16: the gradient as it is, no extra pass over it
+            return grad
+        if scale <= 1.0 or bool(torch.isfinite(grad).all()):
+            return torch.nan_to_num(grad / scale, nan=0.0, posinf=0.0, neginf=0.0)
+        scale = max(1.0, scale / 8.0)
+
+
 def pgd(
     loss_fn: LossFn,
     x: Tensor,
@@ -154,7 +190,8 @@ def pgd(
     part of the input, e.g. MAE's visible patches; norms are then taken over that part only and the
     random start is uniform in the ball of that part.
     Only the gradient with respect to the input is computed (``torch.autograd.grad``), so no
-    parameter ``.grad`` is touched and no weight gradient is evaluated.
+    parameter ``.grad`` is touched and no weight gradient is evaluated. Where the backward pass runs
+    in float16 the loss is scaled first (:func:`input_gradient`), so small gradients do not vanish.
     """
     threat, eps, alpha = attack.threat, attack.eps, attack.alpha
     x = x.detach()
@@ -171,15 +208,14 @@ def pgd(
         loss = loss_fn((work + delta).to(x.dtype))
         return loss.float().expand(x.shape[0]) if loss.dim() == 0 else loss.float()
 
+    scale = FP16_SCALE if runs_in_fp16(x, model) else 1.0
     best_delta, best_loss = None, None
     with frozen(model), torch.enable_grad():
         for _ in range(attack.restarts):
             delta = threat.random_init(work, eps, support) if attack.random_start else torch.zeros_like(work)
             delta = constrain(delta)
             for _ in range(attack.steps):
-                delta.requires_grad_(True)
-                loss = per_example(delta)
-                (grad,) = torch.autograd.grad(loss.sum(), delta)
+                grad = input_gradient(per_example, delta, scale)
                 if support is not None:  # the step's direction (l2: its norm) over the supported part only
                     grad = grad * support
                 delta = constrain(threat.step(delta.detach(), grad, alpha))

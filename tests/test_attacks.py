@@ -255,3 +255,61 @@ def test_pgd_gives_the_plainly_written_pgds_perturbation(norm: str, eps: float) 
     expected = _reference_pgd(loss, x, norm, eps, 3, attack.alpha, support, torch.zeros_like(x))
     assert delta.abs().max() > 0
     torch.testing.assert_close(delta, expected, atol=1e-6, rtol=1e-5)
+
+
+def _tiny_gradient_loss(weight: torch.Tensor):
+    """A loss whose input gradient is ~1e-8: below float16's smallest subnormal (6e-8) unless scaled."""
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        return 1e-7 * torch.nn.functional.linear(x.flatten(1), weight).float().sum(dim=1)
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_under_float16_the_attack_keeps_its_step_and_fp32_s_direction(norm: str) -> None:
+    from advpt.attacks import Attack, pgd
+
+    torch.manual_seed(0)
+    weight = 0.1 * torch.randn(1, 3 * 4 * 4).sign()  # every input coordinate has gradient 1e-8 in size
+    x = torch.rand(5, 3, 4, 4)
+    attack = Attack(norm, eps=0.05, steps=1, step_size=0.05, random_start=False)
+    reference = pgd(_tiny_gradient_loss(weight), x, attack)
+    assert reference.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.float16):  # unscaled, this backward pass gives 0 (below)
+        found = pgd(_tiny_gradient_loss(weight), x, attack)
+    assert found.abs().sum() > 0
+    cosine = torch.nn.functional.cosine_similarity(found.flatten(1), reference.flatten(1), dim=1)
+    assert (cosine > 0.99).all(), cosine
+
+
+def test_without_a_loss_scale_float16_would_erase_that_gradient() -> None:
+    # the premise of the test above: the same backward pass, unscaled, gives 0 under fp16 autocast
+    from advpt.attacks import input_gradient
+
+    torch.manual_seed(0)
+    weight = 0.1 * torch.randn(1, 48).sign()
+    delta = torch.zeros(5, 3, 4, 4)
+    x = torch.rand(5, 3, 4, 4)
+    with torch.autocast("cpu", dtype=torch.float16):
+        unscaled = input_gradient(lambda d: _tiny_gradient_loss(weight)(x + d), delta, 1.0)
+        scaled = input_gradient(lambda d: _tiny_gradient_loss(weight)(x + d), delta.clone(), 2.0**15)
+    assert (unscaled == 0).all()
+    assert (scaled.abs() > 0).all() and scaled.abs().max() < 1e-6  # divided out again
+
+
+def test_a_loss_scale_that_overflows_is_lowered_and_nothing_non_finite_is_returned() -> None:
+    from advpt.attacks import input_gradient
+
+    delta = torch.zeros(3, 4)
+    calls = []
+
+    def loss_of(d: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        # the gradient through float16 is 30 x the scale: inf (> 65504) at 2**15 and 2**12, finite at 2**9
+        return (d.half() * 30.0).float().sum(dim=1)
+
+    grad = input_gradient(loss_of, delta, 2.0**15)
+    assert torch.isfinite(grad).all()
+    assert torch.allclose(grad, torch.full_like(grad, 30.0))
+    assert len(calls) == 3
