@@ -638,3 +638,31 @@ def test_two_nodes_started_by_hand_join_one_run(tmp_path: Path) -> None:
     assert [node.returncode for node in nodes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     assert "MEMBER: 2/2" in errors[0] + errors[1]
     assert outputs(run)["last.ckpt"] == 1 and outputs(run)["encoder.safetensors"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("placement", ["fsdp", "ddp"])
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
+def test_image_loggers_on_two_processes_finish_and_log_images(
+    placement: str, logger: str, tmp_path: Path
+) -> None:
+    """MAE's reconstructions are a forward pass: under FSDP every process must make it, or the one that
+    does waits forever for the others' shards (this hung before). Rank 0 alone writes the images."""
+    run = tmp_path / "run"
+    args = ["pretrain", *QUIET, "trainer.max_steps=3", "monitor=none", f"logger={logger}"]
+    args += [*(FSDP if placement == "fsdp" else DDP), f"hydra.run.dir={run}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "HOME": str(tmp_path)}
+    env.pop("WANDB_API_KEY", None)
+    started = time.monotonic()
+    done = advpt(args, cwd=tmp_path, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.monotonic() - started < 90
+    if logger == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+        (events,) = run.rglob("events.out.tfevents.*")
+        tags = EventAccumulator(str(events), size_guidance={IMAGES: 0}).Reload().Tags()[IMAGES]
+        assert {"images/adversarial_examples", "images/mae_reconstructions"} <= set(tags), tags
+    else:
+        logged = [p for p in run.rglob("*.png") if "media" in p.parts]
+        assert any("mae_reconstructions" in p.name for p in logged), logged

@@ -113,7 +113,11 @@ class LastCheckpoint(Callback):
 
 class ExampleImages(Callback):
     """At each epoch end (and at the end of training), sends the method's figures (adversarial
-    examples, MAE reconstructions) to the image-capable loggers (wandb, TensorBoard)."""
+    examples, MAE reconstructions) to the image-capable loggers (wandb, TensorBoard).
+
+    Every process computes them and the first alone writes: under FSDP a forward pass (MAE's
+    reconstructions) gathers each sharded group from every process, and one process alone would wait
+    for the others forever."""
 
     def __init__(self) -> None:
         self._logged_at = -1
@@ -123,10 +127,12 @@ class ExampleImages(Callback):
 
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger | WandbLogger)]
         step = trainer.global_step
-        if not trainer.is_global_zero or not loggers or step == self._logged_at:
+        if not loggers or step == self._logged_at:  # the same on every process: the same config
             return
         self._logged_at = step
         figures = pl_module.example_images() if hasattr(pl_module, "example_images") else {}
+        if not trainer.is_global_zero:
+            return
         for name, images in figures.items():
             images = images.detach().float().cpu()
             for logger in loggers:
