@@ -35,10 +35,10 @@ _INSPECT_FLAGS = {
 }
 
 
-def fail(message: str, command: str | None = None) -> None:
+def fail(message: str, command: str | None = None, code: int = 2) -> None:
     prog = f"advpt {command}" if command else "advpt"
     print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,7 +124,7 @@ def _run_hydra(command: str, overrides: list[str]) -> None:
             # (a study's folder holds other runs: it stays).
             if command not in KEEPS_FOLDER and out.is_dir() and not (out / "checkpoints").exists():
                 shutil.rmtree(out, ignore_errors=True)
-            fail(str(e), command)
+            fail(str(e), command, getattr(e, "exit_code", 2))
         except Preempted as e:
             again = " ".join([f"advpt {command}", *_plain(overrides, drop=("resume", "hydra.run.dir"))])
             print(

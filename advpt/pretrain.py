@@ -10,9 +10,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from advpt.config import attack_kwargs, check_pretrain
 from advpt.data.module import PretrainData
+from advpt.errors import Diverged
 from advpt.launch import processes
 from advpt.methods import METHODS, PretrainMethod
 from advpt.runs import number, read_record, shown, summary, write_record
+from advpt.training.callbacks import diverged
 from advpt.training.harness import begin, build_trainer
 from advpt.training.harness import fit as fit_resumable
 
@@ -53,6 +55,11 @@ def fit(cfg: DictConfig, run_dir: Path) -> PretrainMethod | None:
     with processes(trainer, "pretrain", run_dir):
         fit_resumable(trainer, module, data, cfg.resume)
         state = module.encoder_state()  # every process, before they end: FSDP gathers the shards
+    stopped = diverged(trainer)
+    if stopped is not None:  # every process agrees; the first says so, nothing non-finite is exported
+        if trainer.is_global_zero:
+            raise Diverged(stopped.message("pretrain"))
+        return None
     if trainer.is_global_zero:
         module.export_encoder(run_dir, state)
         metrics = trainer.callback_metrics

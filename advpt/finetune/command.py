@@ -11,7 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from advpt.config import CONF_DIR, check_arguments, check_run, parse_number
 from advpt.data import labelled
-from advpt.errors import UserError
+from advpt.errors import Diverged, UserError
 from advpt.files import atomic_path, write_json
 from advpt.finetune.module import FinetuneData, FineTuner
 from advpt.finetune.pretrained import (
@@ -28,6 +28,7 @@ from advpt.launch import processes
 from advpt.models import timm_kwargs
 from advpt.published import is_published, resolve_source, shown_source
 from advpt.runs import number, read_record, shown, summary, write_record
+from advpt.training.callbacks import diverged
 from advpt.training.harness import begin, build_trainer
 from advpt.training.harness import fit as fit_resumable
 from advpt.training.sharding import full_state
@@ -167,6 +168,11 @@ def fit(cfg: DictConfig, run_dir: Path) -> FineTuner | None:
         if data.val_source is not None and module.validated_at != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)
         state = full_state(module.vit)  # every process, before they end: FSDP gathers the shards
+    stopped = diverged(trainer)
+    if stopped is not None:  # every process agrees; the first says so, nothing non-finite is exported
+        if trainer.is_global_zero:
+            raise Diverged(stopped.message("finetune"))
+        return None
     if trainer.is_global_zero:
         export_classifier(module, cfg, run_dir, state)
         top1 = number(trainer.callback_metrics, "val/top1")

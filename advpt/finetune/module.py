@@ -217,6 +217,7 @@ class FineTuner(L.LightningModule):
         (images,), labels = batch
         images, targets = self.targets(images, labels)
         loss = soft_cross_entropy(self(images), targets).mean()
+        self.last_loss = loss.detach()  # read before the optimiser step (StopOnNonFinite)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=images.shape[0])
         self.log("train/lr", max(g["lr"] for g in self.optimizers().param_groups), batch_size=images.shape[0])
         return loss

@@ -158,6 +158,7 @@ class PretrainMethod(L.LightningModule):
 
     def log_loss(self, loss: Tensor, batch_size: int) -> None:
         """The optimised loss: at the attacked input when attacking, at the clean input otherwise."""
+        self.last_loss = loss.detach()  # read before the optimiser step (StopOnNonFinite)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
 
     # -- optimisation -----------------------------------------------------------------------

@@ -169,3 +169,64 @@ class FinalStepMetrics(Callback):
             metrics["epoch"] = self._epoch
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step - 1)  # Lightning's rows count steps from 0
+
+
+class StopOnNonFinite(Callback):
+    """A non-finite loss (or gradient) stops the run before the optimiser applies it.
+
+    The check runs after the backward pass and before the step: the step is made a no-op (every
+    gradient dropped, so AdamW moves nothing, momentum and weight decay included), training stops, and
+    ``last.ckpt`` is saved from the last finite weights; the command then refuses to export them. Processes
+    agree with one reduction, as they do on SIGTERM. Under a GradScaler (16-mixed on a GPU) an overflowing
+    gradient is the scaler's to skip: only the loss is checked there.
+    """
+
+    def __init__(self) -> None:
+        self.found: str | None = None
+        self.step: int | None = None
+
+    @staticmethod
+    def _not_finite(pl_module: L.LightningModule, optimizer: Any, scaled: bool) -> str | None:
+        import torch
+
+        loss = getattr(pl_module, "last_loss", None)
+        if loss is not None and not bool(torch.isfinite(loss).all()):
+            return f"train/loss is {float(loss)}"
+        if scaled:
+            return None
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP: this rank's shard
+        if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            return "a gradient is not finite"
+        return None
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        found = self._not_finite(pl_module, optimizer, scaled)
+        stop = found is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        self.found = found or "another process met a non-finite loss or gradient"
+        self.step = trainer.global_step + 1
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        trainer.should_stop = True
+
+    def message(self, command: str) -> str:
+        lr = "method.base_lr" if command == "pretrain" else "optim.lr"
+        return (
+            f"training stopped at optimiser step {self.step}: {self.found}; that step was not applied, "
+            f"checkpoints/last.ckpt holds the last finite weights and nothing was exported (try a lower "
+            f"{lr}, trainer.precision=32-true, or resume= from that last.ckpt with other settings)"
+        )
+
+
+def diverged(trainer: L.Trainer) -> StopOnNonFinite | None:
+    """The run's :class:`StopOnNonFinite` if it stopped training, else ``None``."""
+    found = next((c for c in trainer.callbacks if isinstance(c, StopOnNonFinite)), None)
+    return found if found is not None and found.found is not None else None

@@ -15,7 +15,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from advpt.data.skipped_metric import SkippedSamples
 from advpt.resume import finished_message, read_progress, resolve_resume
 from advpt.runs import shown
-from advpt.training.callbacks import ExampleImages, FinalStepMetrics, ImagesPerSecond, LastCheckpoint
+from advpt.training.callbacks import (
+    ExampleImages,
+    FinalStepMetrics,
+    ImagesPerSecond,
+    LastCheckpoint,
+    StopOnNonFinite,
+)
 from advpt.training.monitor import monitor_callbacks
 
 
@@ -144,6 +150,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
             ImagesPerSecond(),
             ExampleImages(),
             FinalStepMetrics(),
+            StopOnNonFinite(),
             SkippedSamples(),
             *monitor_callbacks(cfg),  # pretrain's kNN monitor (monitor=knn); fine-tuning has none
         ],
