@@ -158,6 +158,8 @@ def summarise(run_dir: Path) -> str:
     if record.get("attack") not in (None, "none") and record.get("eps"):
         from advpt.radii import shown as radius_shown
 
+        # beside the headline: the radius used, and what it is in the paper's units
         radius = radius_shown(record["attack"], float(record["eps"]), int(record.get("img_size") or 224))
-        text += f"\n  attack: {record['attack']} {radius}"
+        first, rest = text.split("\n", 1)
+        text = f"{first}\n  attack: {record['attack']} {radius}\n{rest}"
     return text

@@ -255,8 +255,9 @@ def test_a_short_epoch_run_ends_with_a_summary_and_writes_metrics(
     record = json.loads((run_dir / "run.json").read_text())
     assert record["steps"] == 2 and record["loss"] == pytest.approx(float(rows[0]["train/loss"]))
     rel = run_dir.relative_to(tmp_path)
-    assert capsys.readouterr().out.strip().splitlines()[-3:] == [
+    assert capsys.readouterr().out.strip().splitlines()[-4:] == [
         f"advpt pretrain: 2 steps, final train/loss {record['loss']:.4f}",
+        "  attack: l2 0.5 at 16 px (the paper's 7 at 224 px)",  # the default radius, in both units
         f"  run:  {rel}",
         f"  next: advpt finetune pretrained={rel}",
     ]
