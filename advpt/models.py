@@ -35,6 +35,25 @@ def timm_kwargs(model_cfg: Mapping[str, Any], num_classes: int = 0) -> dict[str,
     }
 
 
+# timm_kwargs() fills these from the model config; the rest of encoder.json's kwargs is model.kwargs.
+_DERIVED_KWARGS = ("img_size", "patch_size", "num_classes", "global_pool")
+
+
+def model_config(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The model group (name, img_size, patch_size, kwargs) behind ``timm.create_model(name, **kwargs)``."""
+    return {
+        "name": name,
+        "img_size": int(kwargs["img_size"]),
+        "patch_size": int(kwargs["patch_size"]),
+        "kwargs": {k: v for k, v in kwargs.items() if k not in _DERIVED_KWARGS},
+    }
+
+
+def architecture(model: Mapping[str, Any]) -> dict[str, Any]:
+    """What a given ``model=`` must share with an encoder: the timm name and its constructor kwargs."""
+    return {"name": model["name"], **timm_kwargs(model)}
+
+
 class PatchConv2d(nn.Conv2d):
     """A patch embedding (kernel = stride, no padding) computed as one matrix product of the flattened
     patches: the same weights, state-dict names and outputs as the ``nn.Conv2d`` it replaces, to float

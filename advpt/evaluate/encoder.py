@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from advpt.attacks import Attack
 from advpt.config import CONF_DIR, parse_number, positive_int
 from advpt.errors import UserError
-from advpt.models import Encoder, timm_kwargs
+from advpt.models import Encoder, architecture, model_config, timm_kwargs
 from advpt.names import NORMS
 from advpt.published import TIMM, is_published, shown_source
 from advpt.trust import refuse_loading_kwargs, refuse_programs
@@ -64,28 +64,9 @@ def _as_dict(node: Any) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)  # type: ignore[return-value]
 
 
-# What timm_kwargs() derives from a model group; the rest of timm's arguments is the group's ``kwargs``.
-_DERIVED_KWARGS = ("img_size", "patch_size", "num_classes", "global_pool")
-
-
-def _model_config(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The model group behind ``timm.create_model(name, **kwargs)``: finetune's ``model_config``, which
-    evaluate cannot import without depending on training, which depends on evaluate's kNN."""
-    return {
-        "name": name,
-        "img_size": int(kwargs["img_size"]),
-        "patch_size": int(kwargs["patch_size"]),
-        "kwargs": {k: v for k, v in kwargs.items() if k not in _DERIVED_KWARGS},
-    }
-
-
 def _group(model: Mapping[str, Any]) -> dict[str, Any]:
     """A model group as given (``model=``, timm's own) in the form ``encoder.json`` is read into."""
-    return _model_config(str(model["name"]), timm_kwargs(model))
-
-
-def _architecture(model: Mapping[str, Any]) -> dict[str, Any]:
-    return {"name": model["name"], **timm_kwargs(model)}
+    return model_config(str(model["name"]), timm_kwargs(model))
 
 
 def resolve_encoder(value: Any, given_model: Any = None) -> EncoderSource:
@@ -122,10 +103,10 @@ def resolve_encoder(value: Any, given_model: Any = None) -> EncoderSource:
     try:
         spec = json.loads(spec_file.read_text())
         refuse_loading_kwargs(spec["kwargs"], str(spec_file))
-        model = _model_config(spec["name"], spec["kwargs"])
+        model = model_config(spec["name"], spec["kwargs"])
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{spec_file} is not an encoder description (name, kwargs)") from None
-    if given is not None and _architecture(given) != _architecture(model):
+    if given is not None and architecture(given) != architecture(model):
         raise UserError(
             f"model={given['name']} (img_size {given['img_size']}) is not the architecture of {WHAT}={text} "
             f"({model['name']}, img_size {model['img_size']}): leave model= out, it is read from encoder.json"

@@ -21,11 +21,9 @@ from advpt.finetune.command import (
 from advpt.finetune.module import HEAD_INIT_STD, FinetuneData, FineTuner, init_head
 from advpt.finetune.pretrained import (
     Pretrained,
-    architecture,
     find_latest,
     load_backbone,
     load_encoder_state,
-    model_config,
     resolve_pretrained,
 )
 from advpt.finetune.recipes import (
@@ -35,6 +33,7 @@ from advpt.finetune.recipes import (
     build_scheduler,
     train_transform,
 )
+from advpt.models import architecture, model_config
 
 __all__ = [
     "HEAD_INIT_STD",

@@ -15,17 +15,15 @@ from advpt.errors import Diverged, UserError
 from advpt.files import atomic_path, write_json
 from advpt.finetune.module import FinetuneData, FineTuner
 from advpt.finetune.pretrained import (
-    architecture,
     load_backbone,
     load_encoder_state,
     load_published,
-    model_config,
     published_model,
     resolve_pretrained,
 )
 from advpt.finetune.recipes import OPTIMIZERS, TRANSFORMS
 from advpt.launch import processes
-from advpt.models import timm_kwargs
+from advpt.models import architecture, model_config, timm_kwargs
 from advpt.published import is_published, resolve_source, shown_source
 from advpt.runs import number, read_record, shown, summary, write_record
 from advpt.training.callbacks import diverged

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from advpt.config import CONF_DIR
 from advpt.errors import UserError
-from advpt.models import timm_kwargs
+from advpt.models import model_config, timm_kwargs
 from advpt.published import (
     TIMM,
     check_encoder,
@@ -31,9 +31,6 @@ from advpt.published import (
 )
 from advpt.trust import load_checkpoint, refuse_loading_kwargs
 
-# timm_kwargs() fills these from the model config; the rest of encoder.json's kwargs is model.kwargs.
-_DERIVED_KWARGS = ("img_size", "patch_size", "num_classes", "global_pool")
-
 
 @dataclass(frozen=True)
 class Pretrained:
@@ -41,21 +38,6 @@ class Pretrained:
 
     path: Path | None
     model: dict[str, Any]
-
-
-def model_config(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The model group (name, img_size, patch_size, kwargs) behind ``timm.create_model(name, **kwargs)``."""
-    return {
-        "name": name,
-        "img_size": int(kwargs["img_size"]),
-        "patch_size": int(kwargs["patch_size"]),
-        "kwargs": {k: v for k, v in kwargs.items() if k not in _DERIVED_KWARGS},
-    }
-
-
-def architecture(model: Mapping[str, Any]) -> dict[str, Any]:
-    """What a given ``model=`` must share with the encoder: the timm name and its constructor kwargs."""
-    return {"name": model["name"], **timm_kwargs(model)}
 
 
 def find_latest() -> Path:
