@@ -104,6 +104,17 @@ def write(run_dir: Path, record: Mapping[str, Any]) -> Path:
     return write_json(Path(run_dir) / RECORD, dict(record))
 
 
+def read(run_dir: Path) -> dict[str, Any]:
+    """A run's ``labelled.json`` ({} when it fine-tuned on every label, or the file is unreadable)."""
+    import json
+
+    try:
+        found = json.loads((Path(run_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def described(record: Mapping[str, Any]) -> str:
     """The subset in words: ``100 of 1437 training images (10 per class, seed 0)``."""
     rule = (

@@ -246,7 +246,7 @@ def summarise(run_dir: Path, overrides: list[str] | None = None) -> str:
         f"{100 * top1:.2f} %" if top1 is not None else "not measured (the dataset has no test split)"
     )
     lines = [summary("finetune", run_dir, headline, f"advpt evaluate checkpoint={shown(run_dir)}")]
-    subset = read_json(run_dir / labelled.RECORD)
+    subset = labelled.read(run_dir)
     if subset:
         lines.append(f"  labels: {labelled.described(subset)}, listed in {shown(run_dir / labelled.RECORD)}")
     gained = gain(val_curve(run_dir))
@@ -268,16 +268,6 @@ def summarise(run_dir: Path, overrides: list[str] | None = None) -> str:
             + " ".join(longer)
         )
     return "\n".join(lines)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
 
 
 def run(cfg: DictConfig) -> None:
