@@ -58,6 +58,7 @@ FAST = [
         (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 is out of range"),
         (["seed=-1"], "seed=-1 is invalid: expected an integer >= 0"),
         (["model.name=vit_nonexistent"], "model.name=vit_nonexistent is not a timm model"),
+        (["model.name=vit_smal_patch16_224"], "closest: vit_small_patch16_224,"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, needle, tmp_path, monkeypatch, capsys) -> None:

@@ -95,9 +95,14 @@ def check_run(cfg: DictConfig, touch_data: bool = True) -> None:
         import timm
 
         if not timm.is_model(str(model.name)):
-            near = timm.list_models(f"{str(model.name).split('_')[0]}_*")[:4] or timm.list_models("vit_*")[:4]
+            import difflib
+
+            name = str(model.name)
+            close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+            near = close or timm.list_models(f"{name.split('_')[0]}_*")[:4] or timm.list_models("vit_*")[:4]
             raise UserError(
-                f"model.name={model.name} is not a timm model (timm.list_models() names them; e.g. {', '.join(near)})"
+                f"model.name={name} is not a timm model ({'closest' if close else 'e.g.'}: {', '.join(near)}; "
+                "timm.list_models() names them all)"
             )
     if cfg.resume is not None and str(cfg.resume) != "auto":
         from advpt.resume import read_progress
