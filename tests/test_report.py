@@ -456,3 +456,28 @@ def test_every_arm_is_shown_fine_tuned_probed_and_by_knn_and_probes_stay_out_of_
     assert "## Fine-tuning, linear probe and kNN of every arm" in summary
     table1 = next((p for p in written if p.name == "table1_transfer.csv"), None)
     assert table1 is None or "linear_probe" not in table1.read_text()
+
+
+def test_runs_cut_short_by_max_steps_are_flagged_and_real_schedules_are_not(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    make_chain(runs, "mae-none", "mae", "none", 0, {"builtin": (0.9, 100)})
+    make_chain(runs, "byol-none", "byol", "none", 0, {"builtin": (0.8, 100)})
+    make_chain(runs, "rotnet-none", "rotnet", "none", 0, {"builtin": (0.8, 100)})
+
+    def trained(directory: Path, trainer: dict, steps: int) -> None:
+        config = yaml.safe_load((directory / "config.yaml").read_text())
+        (directory / "config.yaml").write_text(yaml.safe_dump({**config, "trainer": trainer}))
+        (directory / "run.json").write_text(json.dumps({"command": "pretrain", "steps": steps}))
+
+    trained(runs / "pretrain" / "mae-none", {"max_epochs": 10, "max_steps": 20}, 20)  # a test run
+    trained(runs / "pretrain" / "byol-none", {"max_epochs": 10, "max_steps": 5000}, 230)  # epochs ended it
+    trained(runs / "pretrain" / "rotnet-none", {"max_epochs": -1, "max_steps": 2500}, 2500)  # a step schedule
+    rows = {r["method"]: r for r in collect([runs])}
+    assert rows["mae"]["cut_short"] == [
+        "pretrain/mae-none: 20 steps (trainer.max_steps=20, before max_epochs=10)"
+    ]
+    assert rows["byol"]["cut_short"] == [] and rows["rotnet"]["cut_short"] == []
+    build_report([runs], tmp_path / "report", note=lambda _m: None)
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "**1 of 3 evaluations come from runs cut short by trainer.max_steps**" in summary
+    assert "pretrain/mae-none: 20 steps" in summary and "byol-none:" not in summary

@@ -109,3 +109,29 @@ def test_atomic_writes_give_files_the_usual_mode_even_from_a_0600_writer(tmp_pat
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "weights.safetensors").stat().st_mode) == 0o644
     assert list(tmp_path.iterdir()) == [tmp_path / "weights.safetensors"]
+
+
+def test_the_model_summary_has_no_flops_column_of_zeros(caplog) -> None:
+    import logging
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.utilities.model_summary import summarize
+
+    from advpt.training.harness import ParameterSummary
+
+    class Small(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 2)
+
+    found = summarize(Small(), max_depth=1)
+    data = found._get_summary_data()
+    assert "FLOPs" in [name for name, _ in data]  # Lightning's own table has it (all zeros without an input)
+    with caplog.at_level(logging.INFO):
+        ParameterSummary.summarize(
+            data, found.total_parameters, found.trainable_parameters, found.model_size,
+            found.total_training_modes, found.total_flops,
+        )  # fmt: skip
+    assert "net" in caplog.text and "Trainable params" in caplog.text
+    assert "FLOPs" not in caplog.text and "Flops" not in caplog.text

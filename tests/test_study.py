@@ -110,6 +110,20 @@ def test_a_failed_run_blocks_only_what_depends_on_it(tmp_path: Path, monkeypatch
     assert "pretrain mae-l2-0.5-s0 failed (exit 1" in out
     assert "finetune 0/3 done, 2 to run, 1 waiting on a failed run" in out
     assert "1 runs failed" in out
+    # it ends as every command does: what it did, where, and what to do next
+    ending = out.rstrip().splitlines()[-3:]
+    assert ending[0].startswith("advpt study: 1 runs failed; took ")
+    assert ending[1] == f"  run:  {tmp_path}"
+    assert ending[2].startswith("  next: the same command again")
+
+
+def test_a_finished_study_ends_naming_its_report(tmp_path: Path, monkeypatch, capsys) -> None:
+    cfg = study_config(*SMALL, "report=false")
+    monkeypatch.setattr(Runner, "_run", lambda self, job: _touch(job.product, time.time()) or 0)
+    assert run_study(cfg, tmp_path) == 0
+    ending = capsys.readouterr().out.rstrip().splitlines()[-3:]
+    assert ending[0].startswith("advpt study: 0 runs failed; took ")
+    assert ending[1:] == [f"  run:  {tmp_path}", f"  next: advpt report runs={tmp_path}"]
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,17 @@ def build_report(
             f"Fine-tuning runs still gaining over their last epochs: {len(flagged)} of {len(runs)}"
             + (" (see *Fine-tuning: convergence*)." if flagged else "."),
         ]
+    short = [r for r in rows if r.get("cut_short")]
+    if short:  # test runs of a few steps beside real ones: their numbers are not results
+        named = sorted({c for r in short for c in r["cut_short"]})
+        md += [
+            "",
+            f"**{len(short)} of {len(rows)} evaluations come from runs cut short by trainer.max_steps** "
+            "(test runs?), and are in every table and figure below: "
+            + "; ".join(named[:5])
+            + (f"; and {len(named) - 5} more" if len(named) > 5 else "")
+            + ". Pass the folders of real runs alone to leave them out.",
+        ]
     md += ["", f"Runs: {', '.join(str(r) for r in roots)}. Evaluations found: {len(rows)}.", "", READING]
     written: list[Path] = []
     if claims:

@@ -88,6 +88,30 @@ def pretrain_labels(directory: Path) -> dict[str, Any] | None:
     }
 
 
+def cut_short(directory: Path | str | None) -> str | None:
+    """How a training run was cut short by ``trainer.max_steps`` inside a schedule given in epochs (a
+    run of a few test steps, ``trainer.max_steps=20``), e.g. ``20 of its 20 epochs' steps``; ``None``
+    for a run that ran its schedule (or gives it in steps, ``max_epochs=-1``, as the SGD transfer
+    recipe does) and for a folder that is not a run."""
+    if not directory:
+        return None
+    directory = Path(directory)
+    trainer = _yaml(directory / "config.yaml").get("trainer") or {}
+    try:
+        cap, epochs = int(trainer.get("max_steps") or -1), int(trainer.get("max_epochs") or -1)
+        steps = int(_json(directory / "run.json").get("steps", -1))
+    except (TypeError, ValueError):
+        return None
+    if cap <= 0 or epochs <= 0 or steps < cap:
+        return None
+    return f"{shorter(directory)}: {steps} steps (trainer.max_steps={cap}, before max_epochs={epochs})"
+
+
+def shorter(directory: Path) -> str:
+    """A run folder as ``<kind>/<name>`` (its last two parts), for lists in the report."""
+    return "/".join(directory.parts[-2:])
+
+
 def _outcomes(directory: Path) -> str | None:
     """An evaluation's per-image outcomes (``advpt.outcomes``), for paired differences; ``None`` when it
     wrote none (evaluations from before them)."""
@@ -154,6 +178,8 @@ def row_of(results_path: Path, note: Note) -> dict[str, Any] | None:
         "evaluate": str(results_path.parent),
         "outcomes": _outcomes(results_path.parent),
         "finetune": str(finetune_dir),
+        # the runs behind this evaluation that stopped at trainer.max_steps inside their epochs
+        "cut_short": [c for c in (cut_short(finetune_dir), cut_short(labels["pretrain"])) if c],
     }
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from advpt.runs import shown
+from advpt.runs import shown, summary
 from advpt.study.plan import (
     ATTACKS,
     METHODS,
@@ -119,17 +119,25 @@ def run_study(cfg: DictConfig, root: Path) -> int:
             signal.signal(s, handler)
     if runner.dry_run:
         return 0
+    report = None
     if cfg.get("report", True):
         from advpt.report import build_report
 
-        out = root / "report"
-        written = build_report([root], out, paper=True, note=runner.say)
-        runner.say(f"report: {len(written)} files in {shown(out)}")
+        report = root / "report"
+        written = build_report([root], report, paper=True, note=runner.say)
+        runner.say(f"report: {len(written)} files in {shown(report)}")
     took = time.monotonic() - started
-    busy = f"; runs kept {runner.workers} worker(s) busy {100 * runner.busy / (took * runner.workers):.0f} % of it"
-    runner.say(f"{len(runner.failed)} runs failed; took {_duration(took)}" + (busy if runner.busy else ""))
     for job in runner.failed:
         runner.say(f"  failed: {job.stage} {job.name} (log: {shown(runner._log(job))})")
+    busy = f", {runner.workers} worker(s) busy {100 * runner.busy / (took * runner.workers):.0f} % of it"
+    headline = f"{len(runner.failed)} runs failed; took {_duration(took)}" + (busy if runner.busy else "")
+    if runner.failed:  # the study skips what finished: the same command retries only what failed
+        following = "the same command again, once the failed runs' logs are read"
+    elif report is not None:
+        following = f"open {shown(report / 'summary.md')}"
+    else:
+        following = f"advpt report runs={shown(root)}"
+    print(summary("study", root, headline, following), flush=True)
     return 1 if runner.failed else 0
 
 

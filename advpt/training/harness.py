@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -115,6 +116,32 @@ def _continue_metrics(logger: Any, run_dir: Path, resume: Any) -> None:
     writer.metrics = [{k: v for k, v in row.items() if v != ""} for row in rows]
 
 
+class ParameterSummary(ModelSummary):
+    """Lightning's model summary without its FLOPs column, which is counted only for a module with an
+    ``example_input_array`` (a forward on rank 0 alone, which a sharded module cannot take) and so read 0
+    for every layer and in total."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from lightning.pytorch.callbacks import model_summary
+        from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = _format_summary_table(
+            total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *columns
+        )
+        lines = [line for line in table.splitlines() if not line.endswith("Total Flops")]
+        model_summary.log.info("\n" + "\n".join(lines))
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     """The Trainer of a run: ``cfg.trainer`` arguments, our loggers, ``last.ckpt`` and throughput callbacks."""
     from advpt.quiet import silence_noise
@@ -147,6 +174,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         plugins=plugins or None,
         callbacks=[
             LastCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every_n_steps)),
+            *([ParameterSummary()] if kwargs.get("enable_model_summary", True) is not False else []),
             ImagesPerSecond(),
             ExampleImages(),
             FinalStepMetrics(),
