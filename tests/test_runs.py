@@ -135,3 +135,42 @@ def test_the_model_summary_has_no_flops_column_of_zeros(caplog) -> None:
         )  # fmt: skip
     assert "net" in caplog.text and "Trainable params" in caplog.text
     assert "FLOPs" not in caplog.text and "Flops" not in caplog.text
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_wandb_finishes_when_fit_ends_so_the_summary_is_the_last_line(tmp_path: Path, failed: bool) -> None:
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from advpt.training import harness
+
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path))
+    logger._experiment = mock.Mock()
+
+    def fit(*_args, **_kwargs) -> None:
+        if failed:
+            raise RuntimeError("diverged")
+
+    trainer = SimpleNamespace(loggers=[logger], fit=fit)
+    if failed:
+        with pytest.raises(RuntimeError):
+            harness.fit(trainer, None, None, None)  # type: ignore[arg-type]
+    else:
+        harness.fit(trainer, None, None, None)  # type: ignore[arg-type]
+    logger._experiment.finish.assert_called_once_with(exit_code=1 if failed else 0)
+
+
+def test_image_panels_are_enlarged_to_be_seen_pixel_for_pixel() -> None:
+    import torch
+
+    from advpt.training.callbacks import viewable
+
+    panel = torch.rand(2, 3, 16, 48)  # clean | delta | adversarial of a 16-px image
+    big = viewable(panel)
+    assert big.shape == (2, 3, 224, 672)  # 14 x: the smallest whole factor reaching 224 px
+    assert torch.equal(big[:, :, ::14, ::14], panel)  # every pixel repeated, none blended
+    assert torch.equal(big[:, :, 13::14, 13::14], panel)
+    assert viewable(torch.rand(1, 3, 224, 224)).shape == (1, 3, 224, 224)  # large enough already
+    assert viewable(torch.rand(1, 3, 100, 100)).shape == (1, 3, 300, 300)

@@ -111,6 +111,20 @@ class LastCheckpoint(Callback):
             self.save(trainer, trainer.current_epoch)
 
 
+VIEW_HEIGHT = 224
+"""Panels are logged at least this many pixels high: a 32-px (or 16-px) panel is a speck in wandb's and
+TensorBoard's image views."""
+
+
+def viewable(images: Any, height: int = VIEW_HEIGHT) -> Any:
+    """``images`` (N, C, H, W) enlarged by the smallest whole factor that makes them ``height`` pixels high
+    or more, each pixel repeated (nearest): the pixels an attack changed stay sharp, not smoothed."""
+    factor = -(-height // int(images.shape[-2]))
+    if factor <= 1:
+        return images
+    return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
 class ExampleImages(Callback):
     """At each epoch end (and at the end of training), sends the method's figures (adversarial
     examples, MAE reconstructions) to the image-capable loggers (wandb, TensorBoard).
@@ -134,7 +148,7 @@ class ExampleImages(Callback):
         if not trainer.is_global_zero:
             return
         for name, images in figures.items():
-            images = images.detach().float().cpu()
+            images = viewable(images.detach().float().cpu())
             for logger in loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(key=f"images/{name}", images=list(images), step=step)

@@ -188,4 +188,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 def fit(trainer: L.Trainer, module: L.LightningModule, data: L.LightningDataModule, resume: Any) -> None:
     """``trainer.fit``, continuing from ``resume`` (a ``last.ckpt``) when given."""
     # weights_only: a checkpoint is data (advpt.trust); ours hold tensors and plain values only.
-    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+    failed = True
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+        failed = False
+    finally:
+        finish_wandb(trainer, failed)
+
+
+def finish_wandb(trainer: L.Trainer, failed: bool) -> None:
+    """End the wandb run now, not at interpreter exit: wandb's closing lines (sync, run page) then come
+    before the command's summary or error line, which stay the last thing a user reads."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish(exit_code=1 if failed else 0)
