@@ -93,6 +93,44 @@ class PatchConv2d(nn.Conv2d):
         return out.transpose(1, 2).reshape(b, self.out_channels, gh, gw)  # [B, D, h, w], as the conv
 
 
+class DropPathBuffer(nn.Module):
+    """timm's ``DropPath`` (stochastic depth, scaled by the keep probability) with its rate held in a
+    buffer rather than a Python float.
+
+    ``torch.compile`` bakes a module's float attributes into the graph: timm's blocks, each with its own
+    drop-path rate (and block 0, at rate 0, an ``nn.Identity``), would each compile a graph of their own,
+    and past dynamo's recompile limit the remaining blocks would silently run eagerly. A buffer is a
+    graph input, so one graph serves every block. It keeps and scales as timm's does, with the same
+    probabilities (not the same random draws).
+    """
+
+    def __init__(self, rate: float, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.register_buffer("rate", torch.tensor(float(rate), device=device), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = torch.bernoulli(keep.to(x.dtype).expand((x.shape[0],) + (1,) * (x.ndim - 1)))
+        return x * (mask / keep.to(x.dtype))
+
+
+def buffered_drop_path(block: Block) -> None:
+    """Give ``block`` (a timm ViT block) :class:`DropPathBuffer` in place of its ``DropPath`` or
+    ``Identity`` (rate 0): what ``compile=true`` does before compiling it, so that blocks of different
+    rates share one graph. Parameter names and the state dict are unchanged."""
+    from timm.layers import DropPath
+
+    device = next(block.parameters()).device
+    for name in ("drop_path1", "drop_path2"):
+        current = getattr(block, name, None)
+        if isinstance(current, DropPath):
+            setattr(block, name, DropPathBuffer(current.drop_prob, device))
+        elif isinstance(current, nn.Identity):
+            setattr(block, name, DropPathBuffer(0.0, device))
+
+
 class Encoder(nn.Module):
     """timm ViT that takes images in [0,1] and normalises them itself.
 

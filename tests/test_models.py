@@ -157,3 +157,44 @@ def test_the_attack_through_the_matrix_product_embedding_finds_the_convolutions_
             base.pgd = real
     assert deltas[0].abs().max() > 0
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-5, rtol=1e-4)
+
+
+def test_buffered_drop_path_keeps_each_sample_with_its_rate_and_scales_by_it() -> None:
+    from advpt.models import DropPathBuffer
+
+    x = torch.ones(20_000, 3, 4)
+    layer = DropPathBuffer(0.3).train()
+    y = layer(x)
+    per_sample = y[:, 0, 0]
+    kept = per_sample != 0
+    assert torch.allclose(per_sample[kept], torch.full_like(per_sample[kept], 1 / 0.7))  # scaled by keep
+    assert torch.equal(y, per_sample.view(-1, 1, 1).expand_as(y))  # one draw per sample, as timm's
+    assert abs(kept.float().mean().item() - 0.7) < 0.02
+    assert torch.equal(layer.eval()(x), x)
+    assert torch.equal(DropPathBuffer(0.0).train()(x), x)
+    assert "rate" not in layer.state_dict()  # the state dict stays timm's
+
+
+def test_compiled_blocks_share_one_graph_whatever_the_depth(micro) -> None:
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from advpt.models import buffered_drop_path
+
+    def graphs(depth: int) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        encoder = Encoder.from_config(
+            {**micro, "kwargs": {**micro["kwargs"], "depth": depth}}, drop_path_rate=0.2
+        )
+        for block in encoder.vit.blocks:  # as compile=true does (BaseMethod.configure_model)
+            buffered_drop_path(block)
+            block.compile(backend="eager")
+        x = torch.rand(4, 3, 16, 16)
+        encoder.train()(x).sum().backward()
+        with torch.no_grad():
+            encoder.eval()(x)
+        return int(counters["stats"]["unique_graphs"])
+
+    shallow, deep = graphs(2), graphs(5)
+    assert shallow == deep and shallow <= 3  # train and eval: one graph each, for every block

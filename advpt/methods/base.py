@@ -18,7 +18,7 @@ from torch import Tensor
 from advpt.attacks import Attack, LossFn, frozen, pgd
 from advpt.data.module import seed_batch
 from advpt.files import atomic_path, write_json
-from advpt.models import Encoder
+from advpt.models import Encoder, buffered_drop_path
 from advpt.training.sharding import (
     broadcast_batch_norm_statistics,
     checkpoint_activations,
@@ -104,6 +104,7 @@ class PretrainMethod(L.LightningModule):
         if self.compile_blocks:
             for module in self.modules():
                 if isinstance(module, Block):
+                    buffered_drop_path(module)  # one graph for blocks of every drop-path rate
                     module.compile()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
