@@ -3,13 +3,17 @@ final step's metrics, and example images for the loggers that draw them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from advpt.files import disk_fault, disk_full
 
 
 class ImagesPerSecond(Callback):
@@ -58,9 +62,23 @@ class LastCheckpoint(Callback):
         self._epochs_done = epochs_done
         # Not advpt.files.atomic_path: saving is a collective (every rank calls it, with one name).
         tmp = self.path.with_name(".last.ckpt.tmp")
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
+        try:
+            trainer.save_checkpoint(tmp)
+            if trainer.is_global_zero:
+                os.replace(tmp, self.path)
+        except BaseException as e:
+            if trainer.is_global_zero:  # the writer: the previous last.ckpt stays, its replacement goes
+                fault = disk_fault(e, tmp)
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a run that never saved one keeps no checkpoints/
+                    self.path.parent.rmdir()
+                if fault is not None:
+                    raise disk_full(self.path, fault) from e
+            raise
         trainer.strategy.barrier()
         self._saved_at = trainer.global_step
 

@@ -4,16 +4,21 @@ the run in its folder, the Trainer with its loggers and callbacks, and the fit i
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from advpt.data.skipped_metric import SkippedSamples
+from advpt.files import atomic_path, write_text
 from advpt.resume import finished_message, read_progress, resolve_resume
 from advpt.runs import shown
 from advpt.training.callbacks import (
@@ -45,7 +50,7 @@ def begin(cfg: DictConfig, run_dir: Path, command: str) -> bool:
     torch.set_float32_matmul_precision("high")
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # the workers of a multi-process run read it, never write it
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     return True
 
 
@@ -57,9 +62,7 @@ def wandb_id() -> str:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    from lightning.pytorch.loggers import CSVLogger
-
-    csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+    csv_logger = AtomicCSVLogger(save_dir=str(run_dir), name="", version="")
     if rank_zero_only.rank == 0:
         _continue_metrics(csv_logger, run_dir, cfg.get("resume"))
     loggers: list[Any] = [csv_logger]
@@ -93,9 +96,46 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
             config=OmegaConf.to_container(cfg, resolve=True),
         )
         if rank_zero_only.rank == 0:  # other processes log nothing to wandb
-            id_file.write_text(run_id)
+            write_text(id_file, run_id)
         loggers.append(logger)
     return loggers
+
+
+class _AtomicMetricsWriter(ExperimentWriter):
+    """Lightning's writer of metrics.csv and hparams.yaml, each save written beside its file and renamed
+    over it: a disk that fills up mid-save leaves the rows saved before it, never half a row."""
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        target = self.metrics_file_path
+        with atomic_path(target) as tmp:
+            if os.path.isfile(target):
+                shutil.copyfile(target, tmp)  # Lightning appends the new rows to it
+            self.metrics_file_path = str(tmp)
+            try:
+                super().save()
+            finally:
+                self.metrics_file_path = target
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        from lightning.pytorch.core.saving import save_hparams_to_yaml
+
+        self.hparams.update(params)
+        with atomic_path(Path(self.log_dir) / self.NAME_HPARAMS_FILE) as tmp:
+            save_hparams_to_yaml(tmp, self.hparams)
+
+
+class AtomicCSVLogger(CSVLogger):
+    """Lightning's CSV logger whose files are written atomically (:class:`_AtomicMetricsWriter`)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AtomicMetricsWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def _continue_metrics(logger: Any, run_dir: Path, resume: Any) -> None:
