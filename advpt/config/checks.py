@@ -73,7 +73,8 @@ def check_data(cfg: DictConfig) -> None:
     if cfg.data.name not in SOURCES:
         raise UserError(f"unknown dataset {cfg.data.name!r}; choose one of {', '.join(SOURCES)}")
     positive_int(cfg.data.batch_size, "data.batch_size")
-    positive_int(cfg.data.num_workers, "data.num_workers", low=0)
+    if cfg.data.get("num_workers") is not None:  # null: sized to the machine (advpt.config.machine)
+        positive_int(cfg.data.num_workers, "data.num_workers", low=0)
     check_source(cfg.data)
 
 

@@ -50,6 +50,84 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+# Loader processes per training process at most: beyond this, decoding rarely limits a GPU's step.
+MAX_LOADER_WORKERS = 8
+# Batches each loader process prepares ahead (PyTorch's default prefetch_factor).
+PREFETCH_FACTOR = 2
+
+
+def loader_workers(configured: object = None, processes: int = 1) -> int:
+    """Loader processes for each of this node's ``processes`` training processes.
+
+    ``configured`` (``data.num_workers``, evaluate's ``num_workers``) when it is a number; when it is
+    null, a count sized to this machine: the cores this process may use, shared among the node's
+    processes, less one in each share for the process itself, between 0 and :data:`MAX_LOADER_WORKERS`
+    (Lightning's ``suggested_max_num_workers``, capped, so that it never warns of too few workers).
+    """
+    if configured is not None:
+        return int(configured)  # type: ignore[call-overload]
+    share = cpu_cores() // max(1, int(processes))
+    return max(0, min(MAX_LOADER_WORKERS, share - 1))
+
+
+def describe_workers(workers: int, processes: int = 1, key: str = "data.num_workers") -> str:
+    """What a loader default chose, and from what: one line for the run's log."""
+    count = f"{workers} loader worker{'s' if workers != 1 else ''}"
+    if processes > 1:
+        return (
+            f"{count} per process ({key}=null: {cpu_cores()} cores shared by {processes} processes, "
+            f"one kept for each, at most {MAX_LOADER_WORKERS})"
+        )
+    return f"{count} ({key}=null: {cpu_cores()} cores, one kept for the main process, at most {MAX_LOADER_WORKERS})"
+
+
+def batch_bytes(batch_size: int, image_size: int, views: int = 1) -> int:
+    """Bytes of one batch of float32 RGB images (``views`` per example), as loader processes hand it over."""
+    return batch_size * views * 3 * image_size * image_size * 4
+
+
+def check_shared_memory(
+    workers: int,
+    batch: int,
+    workers_key: str = "data.num_workers",
+    batch_key: str = "data.batch_size",
+    chosen: bool = False,
+    where: str = "/dev/shm",
+) -> None:
+    """One line if ``workers`` loader processes, each holding :data:`PREFETCH_FACTOR` batches of
+    ``batch`` bytes, would not fit in the shared memory they hand batches over in (a container's
+    default 64 MB ``/dev/shm`` ends such a run with a bus error, not a message). ``chosen``: the count
+    is the machine's default, not the user's."""
+    import shutil
+
+    if workers <= 0:
+        return  # the main process loads: nothing goes through shared memory
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:  # no /dev/shm (macOS): PyTorch shares memory another way
+        return
+    need = workers * PREFETCH_FACTOR * batch
+    if need > free:
+        count = (
+            f"{workers} loader processes ({workers_key}=null: this machine's default)"
+            if chosen
+            else f"{workers_key}={workers} loader processes"
+        )
+        raise UserError(
+            f"{where} has {_size(free)} free, and {count} with "
+            f"{PREFETCH_FACTOR} batches each in flight need about {_size(need)} there: in Docker, "
+            "give the container more (docker run --shm-size=16g, or --ipc=host), or lower "
+            f"{workers_key} or {batch_key}"
+        )
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 1e3:.0f} kB"
+
+
 def check_cpu_processes(devices: object) -> None:
     """One line if a CPU run asks for more processes than there are cores: they would only wait on
     each other (and 64 processes on 2 cores look like a hang), so nothing starts."""

@@ -120,7 +120,7 @@ _TRAINING = {
     "seed": INDEX,
     "checkpoint_every_n_steps": COUNT,
     "data.batch_size": COUNT,
-    "data.num_workers": INDEX,
+    "data.num_workers": Range(0, integer=True, special=(None,)),
     "trainer.max_epochs": Range(1, integer=True, special=(-1, None)),
     "trainer.max_steps": Range(1, integer=True, special=(-1, None)),
     "trainer.accumulate_grad_batches": COUNT,

@@ -101,6 +101,23 @@ class ResumableData(L.LightningDataModule):
     _train: DataLoader | None = None
     _batch = 0
     _resume: tuple[int, int] | None = None
+    _workers_said = False
+
+    def loader_workers(self, configured: Any, batch_size: int, image_size: int, views: int = 1) -> int:
+        """``data.num_workers``, or when it is null a count sized to this machine (said once, by the
+        first process); one line instead of a bus error when the batches the loader processes hold
+        would not fit in ``/dev/shm``."""
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        from advpt.config.machine import batch_bytes, check_shared_memory, describe_workers, loader_workers
+
+        processes = self.trainer.num_devices if self.trainer is not None else 1
+        workers = loader_workers(configured, processes)
+        check_shared_memory(workers, batch_bytes(batch_size, image_size, views), chosen=configured is None)
+        if configured is None and not self._workers_said and rank_zero_only.rank == 0:
+            print(f"advpt: {describe_workers(workers, processes)}", flush=True)
+        self._workers_said = True
+        return workers
 
     def resumable_loader(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> DataLoader:
         self._train, self._batch = (
@@ -115,10 +132,20 @@ class ResumableData(L.LightningDataModule):
         if self._resume is None or self._train is None:
             return
         sampler, epoch, batches = position(self._train), *self._resume
-        if batches >= len(self._train):  # saved at the end of an epoch: the next one starts afresh
+        if batches >= self._epoch_batches():  # saved at the end of an epoch: the next one starts afresh
+            # Set here, not left to set_epoch: Lightning builds the loader's iterator before it sets the
+            # epoch, and loader processes draw their first indices from it at once.
             epoch, batches = epoch + 1, 0
         sampler.epoch, sampler.skip = epoch, batches * self._batch
         self._resume = None
+
+    def _epoch_batches(self) -> int:
+        """Batches Lightning trains of each epoch: the loader's, or fewer by ``trainer.limit_train_batches``."""
+        batches = len(self._train)  # type: ignore[arg-type]
+        limit = self.trainer.limit_train_batches if self.trainer is not None else None
+        if isinstance(limit, int):
+            return min(batches, limit)
+        return int(batches * limit) if isinstance(limit, float) else batches
 
     def state_dict(self) -> dict[str, int]:
         if self._train is None or self.trainer is None:
@@ -200,9 +227,13 @@ class PretrainData(ResumableData):
         self.num_classes = num_classes(self.source)
 
     def train_dataloader(self) -> DataLoader:
+        views = pretrain_views(self.views, self.image_size)
+        batch_size = int(self.cfg["batch_size"])
         return self.resumable_loader(
-            Transformed(self.source, pretrain_views(self.views, self.image_size), seed=self.seed),
-            batch_size=int(self.cfg["batch_size"]),
+            Transformed(self.source, views, seed=self.seed),
+            batch_size=batch_size,
             seed=self.seed,
-            num_workers=int(self.cfg.get("num_workers", 0)),
+            num_workers=self.loader_workers(
+                self.cfg.get("num_workers"), batch_size, self.image_size, len(views.transforms)
+            ),
         )

@@ -3,9 +3,9 @@ write ``results.json``."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Mapping, Sequence
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from advpt.config import check_arguments, positive_int
-from advpt.data.skipping import eval_loader, incomplete, unreadable
+from advpt.data.skipping import eval_loader, eval_loaders, incomplete, unreadable_in
 from advpt.data.variants import EvalSet
 from advpt.errors import UserError
 from advpt.evaluate.checkpoint import image_size, load_classifier, read_spec, resolve_checkpoint
@@ -169,6 +169,20 @@ def _warn_stderr(message: str) -> None:
     print(f"advpt evaluate: warning: {message}", file=sys.stderr)
 
 
+def _workers(cfg: DictConfig, image_size: int, batch_size: int | None = None) -> int:
+    """``num_workers``, or when it is null a count sized to this machine (said on stderr); one line
+    instead of a bus error when their batches would not fit in ``/dev/shm``."""
+    from advpt.config.machine import batch_bytes, check_shared_memory, describe_workers, loader_workers
+
+    workers = loader_workers(cfg.num_workers)
+    batch = int(cfg.batch_size) if batch_size is None else batch_size
+    chosen = cfg.num_workers is None
+    check_shared_memory(workers, batch_bytes(batch, image_size), "num_workers", "batch_size", chosen)
+    if chosen:
+        print(f"advpt evaluate: {describe_workers(workers, key='num_workers')}", file=sys.stderr, flush=True)
+    return workers
+
+
 def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[str, Any]:
     """Run the configured suite and robust evaluation; write ``out_dir/outcomes.npz`` (which images each
     set and radius got right, :mod:`advpt.outcomes`), then ``out_dir/results.json``; return its content."""
@@ -203,12 +217,7 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
         expected = (sets[0].name, CORRUPTIONS_GROUP)
         robust_set = sets[0]
 
-    workers = cfg.num_workers
-    if workers is None:
-        data = spec.get("data") if cfg.suite == "auto" else None
-        workers = (
-            int(data.get("num_workers", 0)) if isinstance(data, Mapping) else min(8, os.cpu_count() or 1)
-        )
+    workers = _workers(cfg, size)
 
     def loader(dataset: Dataset) -> DataLoader:
         # every readable image once, in order; unreadable ones are dropped and counted
@@ -225,16 +234,24 @@ def evaluate(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) -> dict[
     scores: dict[str, Score] = {}
     outcomes: dict[str, Outcomes] = {}  # per image, traced to its index in the split (Numbered)
     skipped: dict[str, int] = {}  # unreadable or incomplete samples per group of sets
-    for s in tqdm(sets, desc="evaluate", unit="set", disable=None, file=sys.stderr):
+    progress = tqdm(total=len(sets), desc="evaluate", unit="set", disable=None, file=sys.stderr)
+    for group, grouped in groupby(sets, key=lambda s: s.group):
+        members = list(grouped)  # one loader for the group: the 75 corruption subsets start one pool
+        datasets = [m.dataset for m in members]
         # reads of unreadable images; samples a shard holds incompletely once, with the first set
-        before = unreadable(s.dataset) - (incomplete(s.dataset) if s is sets[0] else 0)
-        got = clean_outcomes(model, s, loader(capped(Numbered(s.dataset), cap(s), seed)), dtype)
-        score = score_of(got)
-        skipped[s.group] = skipped.get(s.group, 0) + unreadable(s.dataset) - before
-        if score.images == 0:
-            note(f"{s.name}: skipped, no image with a label to score")
-            continue
-        scores[s.name], outcomes[s.name] = score, got
+        before = unreadable_in(datasets) - (incomplete(sets[0].dataset) if members[0] is sets[0] else 0)
+        shares = [capped(Numbered(d), cap(m), seed) for m, d in zip(members, datasets, strict=True)]
+        batches = eval_loaders(shares, int(cfg.batch_size), workers, pin_memory=device.type == "cuda")
+        for s, batches_of_s in zip(members, batches, strict=True):
+            got = clean_outcomes(model, s, batches_of_s, dtype)
+            progress.update()
+            score = score_of(got)
+            if score.images == 0:
+                note(f"{s.name}: skipped, no image with a label to score")
+                continue
+            scores[s.name], outcomes[s.name] = score, got
+        skipped[group] = skipped.get(group, 0) + unreadable_in(datasets) - before
+    progress.close()
     for group, n in skipped.items():
         if n:
             note(f"{group}: {n} unreadable or incomplete image{'s' if n != 1 else ''} skipped")
@@ -299,13 +316,13 @@ def evaluate_encoder(cfg: DictConfig, out_dir: Path, warn: Warn = _warn_stderr) 
     if fallback:
         note(fallback)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    workers = cfg.num_workers if cfg.num_workers is not None else int(data.get("num_workers", 0))
+    settings = knn_settings(cfg.knn)
     knn = knn_results(
         encoder.to(device),
         data,
-        knn_settings(cfg.knn),
+        settings,
         int(cfg.seed),
-        int(workers),
+        _workers(cfg, source.image_size, settings.batch_size),
         _precision(cfg.precision),
     )
     model = source.model

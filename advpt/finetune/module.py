@@ -75,17 +75,6 @@ class FinetuneData(ResumableData):
             indices, self.labelled = labelled.subset(self.cfg, self.train_source, seed)
             self.train_source = Subset(self.train_source, indices)
 
-    def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
-        workers = int(self.cfg.get("num_workers", 0))
-        return DataLoader(
-            dataset,
-            batch_size=int(self.cfg["batch_size"]),
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-            **kwargs,
-        )
-
     def train_dataloader(self) -> DataLoader:
         from advpt.data.module import Transformed
         from advpt.data.transforms import Views
@@ -93,11 +82,12 @@ class FinetuneData(ResumableData):
         # One view per image, batched as ([images], labels) like pre-training (ImagesPerSecond reads it);
         # shuffle order and augmentations follow (seed, epoch), as in pre-training, so resuming repeats them.
         views = Views([train_transform(self.optim, self.image_size)])
+        batch_size = int(self.cfg["batch_size"])
         return self.resumable_loader(
             Transformed(self.train_source, views, seed=self.seed),
-            batch_size=int(self.cfg["batch_size"]),
+            batch_size=batch_size,
             seed=self.seed,
-            num_workers=int(self.cfg.get("num_workers", 0)),
+            num_workers=self.loader_workers(self.cfg.get("num_workers"), batch_size, self.image_size),
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -111,8 +101,9 @@ class FinetuneData(ResumableData):
         # Each rank scores its share, every image once (val/top1 is synced); unreadable images dropped.
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         dataset = Transformed(self.val_source, eval_transform(self.image_size))
-        workers = int(self.cfg.get("num_workers", 0))
-        return eval_loader(dataset, int(self.cfg["batch_size"]), workers, rank=rank, world=world)
+        batch_size = int(self.cfg["batch_size"])
+        workers = self.loader_workers(self.cfg.get("num_workers"), batch_size, self.image_size)
+        return eval_loader(dataset, batch_size, workers, rank=rank, world=world, persistent=True)
 
 
 class FineTuner(L.LightningModule):

@@ -126,17 +126,19 @@ class ConfiguredMonitor(KnnMonitor):
             k=int(monitor.k),
             temperature=float(monitor.temperature),
             batch_size=int(monitor.batch_size),
-            num_workers=int(cfg.data.get("num_workers", 0)),
+            num_workers=0,  # data.num_workers, sized to the machine in setup when null
             seed=int(cfg.seed),
         )
         self.cfg = cfg
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from advpt.config.machine import loader_workers
         from advpt.data.sources import build_source
 
         if self.bank is not None:
             return
         data, size, monitor = self.cfg.data, int(self.cfg.model.img_size), self.cfg.monitor
+        self.num_workers = loader_workers(data.get("num_workers"), trainer.num_devices)
         train = getattr(trainer.datamodule, "source", None) or build_source(data, train=True, image_size=size)
         evaluation = build_source(data, train=False, image_size=size)
         # Sharded weights are gathered in every forward pass, which the ranks' uneven shares would not match.
