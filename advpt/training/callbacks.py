@@ -17,28 +17,67 @@ from advpt.files import disk_fault, disk_full
 
 
 class ImagesPerSecond(Callback):
-    """Logs training throughput (images/s, wall clock per optimiser step) as ``train/images_per_s``."""
+    """Logs training throughput as ``train/images_per_s``: the images trained per second of wall clock
+    since the previous logged step (loading included; validation and the epoch-end monitor left out).
+
+    An image counts once however many views of it the method trains on: BYOL's two augmented views of
+    one image are one image, as MAE's single view is (:func:`images_in`). The count is this process's
+    batch; a run of N processes trains N times as many. On a GPU the clock is read after
+    ``torch.cuda.synchronize()``, and only where the number is logged (the host queues work ahead of
+    the device, so an unsynchronised clock times the queueing, not the work).
+    """
 
     def __init__(self) -> None:
         import time
 
         self._clock = time.perf_counter
         self._start: float | None = None
+        self._images = 0
+
+    def _now(self, pl_module: L.LightningModule) -> float:
+        import torch
+
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return self._clock()
+
+    def _restart(self, *args: Any) -> None:
+        self._start, self._images = None, 0
+
+    # A window starts at an epoch's first batch and after validation, so neither the pause between
+    # epochs (the monitor) nor validation is timed.
+    on_train_epoch_start = _restart
+    on_validation_end = _restart
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._start = self._clock()
+        if self._start is None:
+            self._start = self._now(pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._start is None:
             return
-        images = batch[0][0].shape[0]
-        pl_module.log(
-            "train/images_per_s", images / max(self._clock() - self._start, 1e-9), batch_size=images
+        self._images += images_in(batch)
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or (
+            0 < (trainer.max_steps or -1) <= trainer.global_step
         )
+        if not (trainer._logger_connector.should_update_logs or last):  # what Lightning logs, and the end
+            return
+        now = self._now(pl_module)
+        pl_module.log(
+            "train/images_per_s", self._images / max(now - self._start, 1e-9), batch_size=self._images
+        )
+        self._start, self._images = now, 0
+
+
+def images_in(batch: Any) -> int:
+    """The images in a training batch ``([view, ...], labels)``: one per example, whatever its views."""
+    views = batch[0]
+    first = views[0] if isinstance(views, list | tuple) else views
+    return int(first.shape[0])
 
 
 class LastCheckpoint(Callback):
