@@ -39,7 +39,17 @@ def load_checkpoint(path: Path, what: str) -> Any:
             f"{what}={path} holds Python objects beyond tensors and plain values{reason}; refused: {SECURITY}"
         ) from None
     except Exception as e:  # not a torch file, truncated, a folder, ...
-        raise UserError(f"{what}={path} is not a readable checkpoint ({type(e).__name__})") from None
+        detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        hint = (
+            "; a last.ckpt cut short by a crash or a full disk cannot be continued: start the run again "
+            "(resume=null) or resume= an earlier copy"
+            if what == "resume"
+            else ""
+        )
+        raise UserError(
+            f"{what}={path} is not a readable checkpoint ({type(e).__name__}{': ' + detail if detail else ''})"
+            + hint
+        ) from None
 
 
 def runs_program(location: str) -> bool:

@@ -5,6 +5,7 @@
     python benchmarks/step_cost.py --model vit_base_patch16 --batch 64 --precision bf16 --methods mae supervised
 
     python benchmarks/step_cost.py --model vit_base_patch16 --batch 128 --precision bf16 --compile --methods mae supervised
+      (with --compile it also prints each setting's first step: the time to compile before training)
     python benchmarks/step_cost.py --model cpu --methods mae byol --threads 1 --clock cpu  # against lightly
 
 On a GPU it also prints the model FLOP utilisation: FLOPs of one training step (counted by
@@ -199,9 +200,16 @@ def main() -> None:
             )
             if lightly_step is not None:
                 steps["peer"] = lightly_step
-            for step in steps.values():
-                for _ in range(WARMUP):
+            first: dict[str, float] = {}
+            for name, step in steps.items():
+                first[name] = timed(step, batch, device)  # with --compile: tracing and compiling
+                for _ in range(WARMUP - 1):
                     step(batch)
+            if args.compile:
+                print(
+                    f"# {method} batch {batch_size}: first step (compiling) "
+                    + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in first.items())
+                )
             times: dict[str, list[float]] = {k: [] for k in steps}
             for _ in range(args.steps):  # interleaved, so drift in machine load hits all alike
                 for name, step in steps.items():

@@ -4,6 +4,7 @@ temporary file and keeps the previous last.ckpt; a run folder holds one run at a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
@@ -423,3 +424,118 @@ def test_a_file_system_without_flock_runs_unlocked_with_a_warning(
     hold(tmp_path, "pretrain")  # Lustre without -o flock: the run goes on, unprotected, and says so
     release(tmp_path)
     assert "warning: " in capsys.readouterr().err and not (tmp_path / LOCK_NAME).exists()
+
+
+# -- the rest of the fault table: kill -9 and resume, a truncated checkpoint, a killed study ---------------
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "advpt.cli", *args]
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _wait_for(condition, proc: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert proc.poll() is None, "it ended before the moment to kill it"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_continues_with_resume_auto_to_the_end(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [
+        "pretrain",
+        "model=vit_micro",
+        "monitor=none",
+        "trainer.max_steps=80",
+        "checkpoint_every_n_steps=5",
+    ]
+    proc = subprocess.Popen(
+        _cli(*args, f"hydra.run.dir={run}"),
+        env=ONE_THREAD,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    ckpt = run / "checkpoints" / "last.ckpt"
+    _wait_for(ckpt.exists, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: whatever was half-written stays so
+    proc.wait()
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < saved < 80 and not (run / "run.json").exists()
+    done = subprocess.run(
+        _cli(*args, f"hydra.run.dir={run}", "resume=auto"), env=ONE_THREAD, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run / "run.json").read_text())["steps"] == 80
+    assert (run / "encoder.safetensors").is_file() and not (run / ".advpt.lock").exists()
+
+
+def test_a_truncated_last_checkpoint_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    args = [
+        "pretrain",
+        "model=vit_micro",
+        "monitor=none",
+        "checkpoint_every_n_steps=1",
+        f"hydra.run.dir={run}",
+    ]
+    assert run_cli([*args, "trainer.max_steps=2"]) == 0
+    ckpt = run / "checkpoints" / "last.ckpt"
+    with ckpt.open("r+b") as f:
+        f.truncate(ckpt.stat().st_size // 2)
+    capsys.readouterr()
+    assert run_cli([*args, "trainer.max_steps=4", "resume=auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a readable checkpoint" in err, err
+    assert "start the run again (resume=null)" in err
+    assert ckpt.stat().st_size > 0  # the damaged file is left for the user to look at, not replaced
+
+
+def _held(lock: Path) -> bool:
+    """Whether a live process holds this run folder's lock (a dead one's flock is gone with it)."""
+    import fcntl
+
+    if not lock.exists():
+        return False
+    with lock.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+@pytest.mark.slow
+def test_a_study_killed_with_sigkill_stops_its_runs_and_finishes_when_run_again(tmp_path: Path) -> None:
+    from tests.test_study import SMALL
+
+    out = tmp_path / "study"
+    args = _cli("study", *SMALL, "experiment.scratch.enabled=false", "report=false", f"hydra.run.dir={out}")
+    log = tmp_path / "first.log"
+    locks = [out / "pretrain" / arm / ".advpt.lock" for arm in ("mae-none-s0", "mae-l2-0.5-s0")]
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            args, env=ONE_THREAD, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            _wait_for(lambda: "pretrain 1/2 done" in log.read_text() and any(map(_held, locks)), proc)
+            os.kill(proc.pid, signal.SIGKILL)  # the study alone: its runs learn of it from their parent
+            proc.wait()
+            deadline = time.monotonic() + 120  # the run it had started stops (SIGTERM: last.ckpt saved)
+            while any(map(_held, locks)):
+                assert time.monotonic() < deadline, "a run of the killed study is still running"
+                time.sleep(0.5)
+            # ...stopped, not run to its end, and (SIGTERM) its folder released for the study run again
+            assert [lock for lock in locks if not (lock.parent / "run.json").exists()]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    again = subprocess.run(args, env=ONE_THREAD, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert "0 runs failed" in again.stdout
+    assert all((lock.parent / "encoder.safetensors").is_file() for lock in locks)
+    assert len(list((out / "evaluate").glob("*/results.json"))) == 2

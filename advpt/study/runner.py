@@ -105,7 +105,9 @@ class Runner:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             out.write(f"$ advpt {' '.join(job.argv())}\n".encode())
-        child = _context(self.workers).Process(target=_job, args=(job.argv(), str(log)), name=job.name)
+        child = _context(self.workers).Process(
+            target=_job, args=(job.argv(), str(log), os.getpid()), name=job.name
+        )
         # Every read of a child's exit status (start() reaps finished children too) holds the lock:
         # two threads reading one child's status pipe would leave one of them without it.
         with _STATUS:
@@ -183,8 +185,34 @@ def _context(workers: int) -> multiprocessing.context.BaseContext:
     return _CONTEXT
 
 
-def _job(argv: list[str], log: str) -> None:
+def _stop_with_the_study(study: int) -> None:
+    """End this job as SIGTERM would (it saves its last.ckpt and exits) when the study process ``study``
+    ends, even by SIGKILL, so that the study run again continues the run instead of finding it still
+    running in its folder. A job's parent is the fork server, which outlives the study while jobs
+    remain, so the job watches the study itself: a Linux pidfd, readable once the process has ended.
+    Elsewhere a job outlives a killed study."""
+    import select
+    import signal
+    import threading
+
+    try:
+        handle = os.pidfd_open(study)
+    except ProcessLookupError:  # the study ended before this job began
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    except (AttributeError, OSError):  # no pidfd here
+        return
+
+    def watch() -> None:
+        select.select([handle], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="study-watch", daemon=True).start()
+
+
+def _job(argv: list[str], log: str, study: int) -> None:
     """A job's process: ``advpt ARGV`` with its output appended to ``log``; exits with its code."""
+    _stop_with_the_study(study)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
