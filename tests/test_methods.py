@@ -17,9 +17,10 @@ import advpt.methods.base as base
 import advpt.methods.classify as classify
 import advpt.methods.mae as mae_module
 from advpt.methods.byol import byol_loss, cosine_momentum
-from advpt.methods.classify import rotate, soft_cross_entropy
+from advpt.methods.classify import rotate
 from advpt.methods.mae import mae_loss, per_patch_normalized
 from advpt.models import IMAGENET_MEAN, IMAGENET_STD, patch_mask_to_pixels, patchify, random_visible
+from advpt.training.schedule import soft_cross_entropy
 
 L2 = {"norm": "l2", "eps": 1.0, "steps": 3}
 

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 
 from advpt.config import compose
 from advpt.data.transforms import pretrain_views
-from advpt.methods.base import warmup_cosine
 from advpt.methods.byol import cosine_momentum
+from advpt.training.schedule import warmup_cosine
 
 VIT_B = {"name": "vit_base_patch16_224", "img_size": 224, "patch_size": 16, "kwargs": {}}
 

@@ -203,7 +203,7 @@ class FineTuner(L.LightningModule):
         return images, labels
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        from advpt.methods.classify import soft_cross_entropy
+        from advpt.training.schedule import soft_cross_entropy
 
         (images,), labels = batch
         images, targets = self.targets(images, labels)
@@ -228,7 +228,7 @@ class FineTuner(L.LightningModule):
     @property
     def lr(self) -> float:
         """Absolute peak lr: the recipe's lr at ``lr_batch`` images, scaled linearly to the batch."""
-        from advpt.methods.base import effective_batch
+        from advpt.training.schedule import effective_batch
 
         batch = effective_batch(self, self.batch_size)
         return float(self.optim_cfg["lr"]) * batch / float(self.optim_cfg["lr_batch"])

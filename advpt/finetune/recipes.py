@@ -77,7 +77,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], 
     As in MAE and big_vision, the cosine spans the steps after the warm-up (``warmup_prefix``), so the
     peak lr is reached exactly when the warm-up ends: lr(t) = lr·t/W for t < W.
     """
-    from advpt.methods.base import warmup_cosine
+    from advpt.training.schedule import warmup_cosine
 
     return warmup_cosine(optimizer, total_steps, float(optim["warmup_fraction"]), float(optim["min_lr"]))
 

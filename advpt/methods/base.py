@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import Block
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from torch import Tensor
 
 from advpt.attacks import Attack, LossFn, frozen, pgd
 from advpt.data.module import seed_batch
 from advpt.files import atomic_path, write_json
 from advpt.models import Encoder, buffered_drop_path
+from advpt.training.schedule import effective_batch, warmup_cosine
 from advpt.training.sharding import (
     broadcast_batch_norm_statistics,
     checkpoint_activations,
@@ -26,34 +26,6 @@ from advpt.training.sharding import (
     gathered,
     shard,
 )
-
-
-def effective_batch(module: L.LightningModule, batch_size: int) -> int:
-    """Images per optimiser step: per-device batch x gradient accumulation x devices."""
-    trainer = module._trainer
-    if trainer is None:
-        return batch_size
-    return batch_size * trainer.accumulate_grad_batches * trainer.world_size
-
-
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float, min_lr: float
-) -> Any:
-    """MAE's schedule (``util/lr_sched.py``): linear from 0 over the warm-up, then a half-cycle cosine
-    from the peak to ``min_lr`` over the remaining steps; per optimiser step.
-
-    timm's ``warmup_prefix`` starts the cosine where the warm-up ends, so the peak is reached exactly there.
-    """
-    warmup = int(round(warmup_fraction * total_steps))
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, total_steps - warmup),
-        lr_min=min_lr,
-        warmup_t=warmup,
-        warmup_lr_init=0.0,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
 
 
 class PretrainMethod(L.LightningModule):

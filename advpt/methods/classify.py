@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from advpt.methods.base import PretrainMethod
+from advpt.training.schedule import soft_cross_entropy
 
 
 def rotate(images: Tensor, quarter_turns: Tensor) -> Tensor:
@@ -27,13 +27,6 @@ def rotate(images: Tensor, quarter_turns: Tensor) -> Tensor:
         if idx.numel():
             out[idx] = torch.rot90(images[idx], k, dims=(2, 3))
     return out
-
-
-def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Per-example cross-entropy for integer or soft (mixup / smoothed) targets."""
-    if target.dim() == 1:
-        return F.cross_entropy(logits.float(), target, reduction="none")
-    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
 
 
 class Classifier(PretrainMethod):
