@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader
 import advpt.methods.base as base
 import advpt.methods.classify as classify
 import advpt.methods.mae as mae_module
-from advpt.methods.byol import byol_loss, cosine_momentum
+from advpt.methods.byol import byol_loss
 from advpt.methods.classify import rotate
 from advpt.methods.mae import mae_loss, per_patch_normalized
+from advpt.methods.momentum import cosine_momentum
 from advpt.models import IMAGENET_MEAN, IMAGENET_STD, patch_mask_to_pixels, patchify, random_visible
 from advpt.training.schedule import soft_cross_entropy
 

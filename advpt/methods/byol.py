@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import math
 from typing import Any
 
 import torch
@@ -11,18 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advpt.methods.base import PretrainMethod
+from advpt.methods.momentum import MomentumTeacher, cosine_momentum
 from advpt.models import mlp
-from advpt.training.sharding import local
 
 
 def byol_loss(prediction: Tensor, target_projection: Tensor) -> Tensor:
     """Per-example 2 - 2 cos(prediction, target): the normalised MSE of BYOL."""
     return 2.0 - 2.0 * F.cosine_similarity(prediction.float(), target_projection.float(), dim=-1)
-
-
-def cosine_momentum(step: int, total: int, base: float) -> float:
-    """BYOL's target decay: from ``base`` up to 1 along a cosine over training."""
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, total) / max(total, 1)) + 1.0) / 2.0
 
 
 class BYOL(PretrainMethod):
@@ -32,10 +25,11 @@ class BYOL(PretrainMethod):
         self.projector = mlp(self.encoder.dim, heads["hidden"], heads["out"])
         self.predictor = mlp(heads["out"], heads["hidden"], heads["out"])
         # Target network: EMA of encoder + projector, never trained by gradient.
-        self.target = nn.ModuleDict(
-            {"encoder": copy.deepcopy(self.encoder), "projector": copy.deepcopy(self.projector)}
-        )
-        self.target.requires_grad_(False)
+        self.target = MomentumTeacher(self.online_networks())
+
+    def online_networks(self) -> dict[str, nn.Module]:
+        """The networks the target follows, by the target's names for them."""
+        return {"encoder": self.encoder, "projector": self.projector}
 
     def online(self, x: Tensor) -> Tensor:
         return self.predictor(self.projector(self.encoder.features(x)))
@@ -72,16 +66,6 @@ class BYOL(PretrainMethod):
         self.update_target(tau)
         self.log("train/target_momentum", tau)
 
-    @torch.no_grad()
     def update_target(self, tau: float) -> None:
-        # timm's ModelEma has no per-step cosine schedule, so the EMA is a foreach lerp here.
-        for online, target in (
-            (self.encoder, self.target["encoder"]),
-            (self.projector, self.target["projector"]),
-        ):
-            # Under FSDP each process updates its own shard (online and target are sharded alike).
-            o = [local(p.data) for p in online.parameters()]
-            t = [local(p.data) for p in target.parameters()]
-            torch._foreach_lerp_(t, o, 1.0 - tau)
-            for ob, tb in zip(online.buffers(), target.buffers(), strict=True):
-                tb.copy_(ob)
+        """Move the target towards the online networks by momentum ``tau``."""
+        self.target.follow(self.online_networks(), tau)
