@@ -1,10 +1,12 @@
 """The names of the pre-training methods and attacks, and how the paper shows them.
 
-The one list of each: the study's checks, the report's order and labels read them from here. Nothing is
-imported, so any module may import this one.
+The methods come from their table (``advpt.method_table``); the study's checks, the report's order and
+labels read them from here. Nothing heavy is imported, so any module may import this one.
 """
 
-METHODS = ("mae", "byol", "rotnet", "supervised")
+from advpt.method_table import METHOD_TABLE, REPORT_ORDER
+
+METHODS = tuple(METHOD_TABLE)
 """The pre-training methods (``method=``), in the order messages list them."""
 
 NORMS = ("linf", "l2")
@@ -13,7 +15,7 @@ NORMS = ("linf", "l2")
 ATTACKS = ("none", *NORMS)
 """The pre-training attacks: none (nominal training), then one per norm."""
 
-METHOD_LABEL = {"supervised": "Sup-PT", "rotnet": "RotNet", "mae": "MAE", "byol": "BYOL"}
+METHOD_LABEL = {name: METHOD_TABLE[name].label for name in REPORT_ORDER}
 """How the paper names each method, in the order its figures and tables show them."""
 
 ATTACK_LABEL = {"none": "nominal", "linf": "l_inf", "l2": "l2"}

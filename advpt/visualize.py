@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from advpt.errors import UserError
+from advpt.method_table import SCRATCH_LABEL
 from advpt.trust import load_checkpoint
 
 # What a run directory is read from, in order of preference.
@@ -136,7 +137,7 @@ def title(path: Path) -> str:
         return _pretrain_title(run) or run.name
     base, pretrained = run.name, spec.get("pretrained")
     if str(pretrained) == "none":
-        base = "scratch"
+        base = SCRATCH_LABEL
     elif pretrained and Path(str(pretrained)).exists():
         with contextlib.suppress(UserError):
             base = title(resolve(pretrained))

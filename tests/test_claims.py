@@ -158,3 +158,27 @@ def test_the_premise_opens_the_claims_and_a_method_it_fails_for_is_untestable(tm
     assert claims[0].verdict != REPRODUCED
     assert all(c.verdict == UNTESTABLE and not c.tests for c in claims[1:])
     assert {c.text for c in claims[1:]} >= {"every method gains from adversarial pre-training"}
+
+
+def test_a_method_the_table_does_not_know_is_judged_not_dropped(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    difficulty = {"builtin": rng.random(1500), "corruptions/fog/1": rng.random(500)}
+    difficulty["robust/l2/0.5"] = rng.random(1000)
+    skills = {  # "toy" has no entry (no label, no order) in advpt.method_table; it gains, as MAE does
+        ("scratch", "none", 0): 0.30,
+        ("mae", "none", 0): 0.50,
+        ("mae", "l2", 0.5): 0.70,
+        ("toy", "none", 0): 0.50,
+        ("toy", "l2", 0.5): 0.70,
+    }
+    root = tmp_path / "runs"
+    for (method, attack, eps), skill in skills.items():
+        chain_with_outcomes(root, f"{method}-{attack}-{eps}", method, attack, eps, skill, difficulty, rng)
+    rows = collect([root])
+    headline, _ = agg.headline_rows(rows)
+    claims = judge(rows, headline)
+    assert {t.label for t in claims[0].tests} == {"MAE nominal − scratch", "toy nominal − scratch"}
+    gains = next(c for c in claims if c.text.startswith("every method gains"))
+    # the table's methods first, in the paper's order, then the unknown one
+    assert [t.label for t in gains.tests] == ["MAE l2 0.5 − MAE nominal", "toy l2 0.5 − toy nominal"]
+    assert gains.verdict == REPRODUCED and gains.untestable == ()

@@ -9,6 +9,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from advpt.method_table import METHOD_TABLE
+
 BICUBIC = InterpolationMode.BICUBIC
 
 
@@ -84,21 +86,26 @@ class Views:
         return [t(image) for t in self.transforms]
 
 
+# Each view a method's table entry names: (size, crop scale, the config's auto_augment) -> its transform.
+VIEWS: dict[str, Callable[[int, tuple[float, float], str | None], Callable]] = {
+    "crop_flip": lambda size, scale, _: crop_flip(size, scale),
+    "crop_flip_randaugment": crop_flip,  # RandAugment where the config names one
+    "byol_blur": lambda size, scale, _: byol_view(size, 1.0, 0.0, scale),
+    "byol_solarize": lambda size, scale, _: byol_view(size, 0.1, 0.2, scale),
+}
+
+
 def pretrain_views(views: str | Mapping[str, Any], size: int) -> Views:
-    """The augmentation of each method (the method config's ``views``: a kind, or a mapping with ``kind``
-    and optionally ``crop_scale`` and ``auto_augment``): MAE crops + flip, BYOL's two views, crops + flip
-    (+ RandAugment) for RotNet and supervised."""
+    """The augmentation of each method (the method config's ``views``: a kind, the method's name, or a
+    mapping with ``kind`` and optionally ``crop_scale`` and ``auto_augment``): the views its table entry
+    (``advpt.method_table``) names, e.g. MAE's crop + flip or BYOL's two asymmetric views."""
     spec = {"kind": views} if isinstance(views, str) else dict(views)
     kind = spec["kind"]
-    default_scale = (0.2, 1.0) if kind == "mae" else (0.08, 1.0)
-    scale = tuple(float(v) for v in spec.get("crop_scale") or default_scale)
-    if kind == "mae":
-        return Views([crop_flip(size, scale)])
-    if kind == "byol":
-        return Views([byol_view(size, 1.0, 0.0, scale), byol_view(size, 0.1, 0.2, scale)])
-    if kind in ("rotnet", "supervised"):
-        return Views([crop_flip(size, scale, spec.get("auto_augment"))])
-    raise ValueError(f"unknown augmentation {kind!r}")
+    method = METHOD_TABLE.get(kind)
+    if method is None:
+        raise ValueError(f"unknown augmentation {kind!r}")
+    scale = tuple(float(v) for v in spec.get("crop_scale") or method.crop_scale)
+    return Views([VIEWS[view](size, scale, spec.get("auto_augment")) for view in method.views])
 
 
 def eval_transform(size: int) -> T.Compose:

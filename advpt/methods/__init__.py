@@ -1,17 +1,10 @@
-"""Pre-training methods, chosen by name from the ``method`` config group (the names: ``advpt.names``)."""
+"""Pre-training methods, chosen by name from the ``method`` config group (the table: ``advpt.method_table``)."""
 
 from __future__ import annotations
 
+from advpt.method_table import METHOD_TABLE, method_class
 from advpt.methods.base import PretrainMethod
-from advpt.methods.byol import BYOL
-from advpt.methods.classify import RotNet, Supervised
-from advpt.methods.mae import MAE
 
-METHODS: dict[str, type[PretrainMethod]] = {
-    "mae": MAE,
-    "byol": BYOL,
-    "rotnet": RotNet,
-    "supervised": Supervised,
-}
+METHODS: dict[str, type[PretrainMethod]] = {name: method_class(name) for name in METHOD_TABLE}
 
-__all__ = ["METHODS", "MAE", "BYOL", "RotNet", "Supervised", "PretrainMethod"]
+__all__ = ["METHODS", "PretrainMethod"]

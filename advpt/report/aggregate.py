@@ -16,12 +16,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from statistics import mean
 from typing import Any
 
-from advpt.names import ATTACKS, METHOD_LABEL
+from advpt.method_table import REPORT_ORDER, SCRATCH
+from advpt.names import ATTACKS
 from advpt.report.collect import radius_value
 from advpt.report.differences import AVERAGE, compare
 from advpt.report.intervals import Estimate, accuracy, average_of
 
-METHOD_ORDER = tuple(METHOD_LABEL)  # the paper's order: Sup-PT, RotNet, MAE, BYOL
+METHOD_ORDER = REPORT_ORDER  # the paper's order (each method's ``order`` in its table)
 
 
 # -- grouping ------------------------------------------------------------------------------------
@@ -30,6 +31,13 @@ Key = tuple[str, str, str]  # (method, attack, radius label)
 
 def arm_of(row: Mapping[str, Any]) -> Key:
     return (row["method"], row["attack"], row["radius"])
+
+
+def methods_in(names: Iterable[str]) -> list[str]:
+    """The methods among ``names`` (not scratch), once each, in the paper's order; a method the table lacks
+    (a run of a method since removed) comes last rather than nowhere."""
+    found = set(names) - {SCRATCH}
+    return sorted(found, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
 
 
 def headline_rows(rows: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], str | None]:
@@ -97,7 +105,7 @@ def best_by_arm(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Any]
     main, _ = headline_rows(list(rows))
     best: dict[tuple[str, str], tuple[float, Any]] = {}
     for (method, attack, _radius), (_decay, est, group) in best_decay(main).items():
-        if method == "scratch":
+        if method == SCRATCH:
             continue
         if (method, attack) not in best or est.mean > best[(method, attack)][0]:
             best[(method, attack)] = (est.mean, group[0]["eps"])
@@ -109,10 +117,10 @@ def fig1(rows: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], Estim
     """Average accuracy per (method, attack, radius) at its best layer decay, minus the scratch model's
     and, for an adversarial arm, minus its method's nominal pre-training (each paired where it can be)."""
     best = best_decay(rows)
-    scratch = next((v for k, v in best.items() if k[0] == "scratch"), None)
+    scratch = next((v for k, v in best.items() if k[0] == SCRATCH), None)
     base = scratch[1] if scratch else None
     table = []
-    for key in sorted((k for k in best if k[0] != "scratch"), key=order):
+    for key in sorted((k for k in best if k[0] != SCRATCH), key=order):
         decay, est, group = best[key]
         nominal = best.get((key[0], "none", "-")) if key[1] != "none" else None
         table.append(
@@ -140,7 +148,7 @@ def fig2(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     best = best_decay(rows)
     chosen: dict[tuple[str, str], Key] = {}
     for key, (_d, est, _g) in best.items():
-        if key[0] == "scratch":
+        if key[0] == SCRATCH:
             continue
         slot = (key[0], key[1])
         if slot not in chosen or est.mean > best[chosen[slot]][1].mean:
@@ -171,7 +179,7 @@ def selected_models(rows: Sequence[Mapping[str, Any]]) -> list[Key]:
     best = best_decay(rows)
     chosen: dict[str, Key] = {}
     for key, (_d, est, _g) in best.items():
-        if key[0] == "scratch" or key[1] == "none" or len(decays[key]) < 2:
+        if key[0] == SCRATCH or key[1] == "none" or len(decays[key]) < 2:
             continue
         if key[0] not in chosen or est.mean > best[chosen[key[0]]][1].mean:
             chosen[key[0]] = key
@@ -273,7 +281,7 @@ def table1_groups(
     cells: dict[Cell, dict[float, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     seen = set()
     for r in rows:
-        if r["method"] == "scratch" or (r["method"], r["attack"]) not in best or r["optim"] == PROBE:
+        if r["method"] == SCRATCH or (r["method"], r["attack"]) not in best or r["optim"] == PROBE:
             continue
         if abs(radius_value(best[(r["method"], r["attack"])]) - r["eps_value"]) > 1e-9:
             continue

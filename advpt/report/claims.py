@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from advpt.method_table import SCRATCH, SCRATCH_LABEL
 from advpt.names import ATTACK_LABEL, METHOD_LABEL, NORMS, arm_label
 from advpt.report import aggregate as agg
 from advpt.report.collect import radius_value
@@ -91,7 +92,7 @@ def _label(key: agg.Key) -> str:
 
 
 def _best(headline: Sequence[Row]) -> dict[agg.Key, tuple[float, Estimate, list]]:
-    return {k: v for k, v in agg.best_decay(headline).items() if k[0] != "scratch"}
+    return {k: v for k, v in agg.best_decay(headline).items() if k[0] != SCRATCH}
 
 
 def _best_adversarial(best: Mapping[agg.Key, tuple[float, Estimate, list]], method: str) -> agg.Key | None:
@@ -100,9 +101,10 @@ def _best_adversarial(best: Mapping[agg.Key, tuple[float, Estimate, list]], meth
 
 
 def _methods(best: Mapping[agg.Key, Any]) -> list[str]:
+    """The methods with a nominal and an adversarial arm (every method found, labelled or not)."""
     return [
         m
-        for m in METHOD_LABEL
+        for m in agg.methods_in(k[0] for k in best)
         if (m, "none", "-") in best and any(k[0] == m and k[1] != "none" for k in best)
     ]
 
@@ -112,12 +114,12 @@ def premise(headline: Sequence[Row]) -> Claim | None:
     trained on the same labels. Every claim of the paper is about how much pre-training helps; where it does
     not help at all, whether adversarial pre-training helps more cannot be seen."""
     everything = agg.best_decay(headline)
-    scratch = next((k for k in everything if k[0] == "scratch"), None)
+    scratch = next((k for k in everything if k[0] == SCRATCH), None)
     if scratch is None:
         return None
     tests = [
-        Test(f"{_label(key)} − scratch", compare(everything[key][2], everything[scratch][2], AVERAGE))
-        for key in sorted((k for k in everything if k[1] == "none" and k[0] != "scratch"), key=agg.order)
+        Test(f"{_label(key)} − {SCRATCH_LABEL}", compare(everything[key][2], everything[scratch][2], AVERAGE))
+        for key in sorted((k for k in everything if k[1] == "none" and k[0] != SCRATCH), key=agg.order)
     ]
     if not tests:
         return None
@@ -134,7 +136,8 @@ def premise_holds(claim: Claim | None) -> set[str] | None:
     judge the premise by, so no method is set aside)."""
     if claim is None:
         return None
-    return {label for t in claim.tests if t.verdict == REPRODUCED for label in [t.label.split(" ")[0]]}
+    nominal = f" {ATTACK_LABEL['none']} − {SCRATCH_LABEL}"  # a test's label: "Sup-PT nominal − scratch"
+    return {t.label.removesuffix(nominal) for t in claim.tests if t.verdict == REPRODUCED}
 
 
 def gains(headline: Sequence[Row]) -> Claim | None:
@@ -156,7 +159,7 @@ def best_radius_differs(headline: Sequence[Row]) -> Claim | None:
     tests, verdicts = [], []
     for norm in NORMS:
         directions = []
-        for m in METHOD_LABEL:
+        for m in agg.methods_in(k[0] for k in best):
             radii = sorted((k for k in best if k[0] == m and k[1] == norm), key=lambda k: radius_value(k[2]))
             if len(radii) < 2:
                 continue
@@ -293,9 +296,9 @@ def judge(rows: Sequence[Row], headline: Sequence[Row]) -> list[Claim]:
     holds = premise_holds(first)
     set_aside: tuple[str, ...] = ()
     if holds is not None:
-        labels = {m: METHOD_LABEL.get(m, m) for r in headline for m in [r["method"]] if m != "scratch"}
+        labels = {m: METHOD_LABEL.get(m, m) for r in headline for m in [r["method"]] if m != SCRATCH}
         set_aside = tuple(label for m, label in labels.items() if label not in holds)
-        keep = {m for m, label in labels.items() if label in holds} | {"scratch"}
+        keep = {m for m, label in labels.items() if label in holds} | {SCRATCH}
         headline = [r for r in headline if r["method"] in keep]
         rows = [r for r in rows if r["method"] in keep]
     found: list[Claim] = [first] if first is not None else []

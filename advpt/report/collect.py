@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from advpt.method_table import SCRATCH
 from advpt.outcomes import FILE as OUTCOMES
 
 Note = Callable[[str], None]
@@ -144,7 +145,7 @@ def row_of(results_path: Path, note: Note) -> dict[str, Any] | None:
             return None
     else:
         labels = {
-            "method": "scratch",
+            "method": SCRATCH,
             "attack": "none",
             "eps": 0,
             "eps_224": None,

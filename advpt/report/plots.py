@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from advpt.files import atomic_path
+from advpt.method_table import METHOD_TABLE, SCRATCH_COLOUR, SCRATCH_LABEL
 from advpt.names import ATTACK_LABEL, METHOD_LABEL, NORMS, arm_label
-from advpt.report.aggregate import METHOD_ORDER
+from advpt.report.aggregate import methods_in
 from advpt.report.intervals import Estimate
 
-COLOURS = {"supervised": "tab:red", "rotnet": "tab:green", "mae": "tab:blue", "byol": "tab:orange"}
+COLOURS = {name: method.colour for name, method in METHOD_TABLE.items()}
 
 
 def _plt() -> Any:
@@ -50,7 +51,7 @@ def fig1(table: Sequence[Mapping[str, Any]], base: Estimate | None, path: Path) 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     value = "minus_scratch" if base is not None else "average"
-    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in table)]
+    methods = methods_in(r["method"] for r in table)
     # radii used at another image size than 224 px are drawn in the paper's units, and the axis says so
     key = "eps_224" if any(r.get("eps_224", r["eps_value"]) != r["eps_value"] for r in table) else "eps_value"
     for ax, attack in zip(axes, NORMS, strict=True):
@@ -69,19 +70,19 @@ def fig1(table: Sequence[Mapping[str, Any]], base: Estimate | None, path: Path) 
                 yerr=_bars([r[value] for r in points]),
                 marker="o",
                 capsize=3,
-                label=METHOD_LABEL[method],
+                label=METHOD_LABEL.get(method, method),
                 color=COLOURS.get(method),
             )
         if base is not None:
-            ax.axhline(0, color="grey", lw=0.8, ls="--")
+            ax.axhline(0, color=SCRATCH_COLOUR, lw=0.8, ls="--")
         paper = " at 224 px (the paper's units)" if key == "eps_224" else ""
         ax.set_xlabel("radius ε∞ (×1/255)" if attack == "linf" else f"radius ε2{paper}")
         ax.set_title(f"{ATTACK_LABEL[attack]} attacks (radius 0: nominal)")
         ax.grid(alpha=0.3)
     if base is not None:
-        axes[0].set_ylabel(f"average top-1 − scratch ({100 * base.mean:.2f} %), points")
+        axes[0].set_ylabel(f"average top-1 − {SCRATCH_LABEL} ({100 * base.mean:.2f} %), points")
     else:
-        axes[0].set_ylabel("average top-1 % (no scratch run found)")
+        axes[0].set_ylabel(f"average top-1 % (no {SCRATCH_LABEL} run found)")
     axes[1].legend(loc="best", fontsize=8)
     fig.suptitle("Fig. 1: influence of the perturbation radius (bars: 95 % intervals)")
     return _save(fig, path)

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from advpt.errors import UserError
+from advpt.method_table import SCRATCH
 from advpt.names import ATTACKS, METHODS
 from advpt.report.collect import radius_value
 from advpt.runs import PRODUCTS, is_finished
@@ -222,7 +223,7 @@ def finetune_job(
 ) -> Job:
     """Fine-tuning of ``source`` (``None``: from scratch) on ``data`` with ``optim`` at ``layer_decay``."""
     exp = cfg.experiment
-    base = source.name if source is not None else f"scratch-s{seed}"
+    base = source.name if source is not None else f"{SCRATCH}-s{seed}"
     name = f"{base}-{data}-{optim}-ld{layer_decay}"
     if source is None:
         origin = ["pretrained=none", *([f"model={exp.model}"] if exp.get("model") else [])]
@@ -241,7 +242,7 @@ def finetune_job(
         data_args.append(f"data.root={cfg.data_root}")
     elif cfg.get("transfer_root") and data != exp.finetune.data:
         data_args.append(f"data.root={cfg.transfer_root}")
-    labels = dict(source.labels) if source is not None else {"method": "scratch", "attack": "none", "eps": 0}
+    labels = dict(source.labels) if source is not None else {"method": SCRATCH, "attack": "none", "eps": 0}
     labels.update(seed=seed, data=data, optim=optim, layer_decay=layer_decay)
     return Job(
         stage,

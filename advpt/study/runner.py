@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from advpt.method_table import METHOD_TABLE, SCRATCH
 from advpt.runs import is_finished, shown
 from advpt.study.plan import Job
 
@@ -239,12 +240,14 @@ def _job(argv: list[str], log: str, study: int) -> None:
 
 
 def _expected_cost(job: Job) -> float:
-    """A rough rank of a job's length within its stage: adversarial before nominal pre-training (BYOL,
-    with its two networks, first), and the scratch baseline (the longest fine-tuning) first."""
+    """A rough rank of a job's length within its stage: adversarial before nominal pre-training (the
+    methods with the largest ``cost`` in their table first), and the scratch baseline (the longest
+    fine-tuning) first."""
     labels = job.labels
     if job.command == "pretrain":
-        return (labels.get("attack") != "none") * (3.0 if labels.get("method") == "byol" else 2.0)
-    return 1.0 if labels.get("method") == "scratch" and job.stage == "finetune" else 0.0
+        method = METHOD_TABLE.get(str(labels.get("method")))
+        return (labels.get("attack") != "none") * 2.0 * (method.cost if method else 1.0)
+    return 1.0 if labels.get("method") == SCRATCH and job.stage == "finetune" else 0.0
 
 
 def _as_yaml(job: Job) -> str:
