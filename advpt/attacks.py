@@ -125,6 +125,7 @@ def frozen(module: nn.Module | None) -> Iterator[None]:
         return
     modes = [(m, m.training) for m in module.modules()]
     grads = [(p, p.requires_grad) for p in module.parameters()]
+    versions = [(name, b, b._version) for name, b in module.named_buffers()]
     module.eval()
     module.requires_grad_(False)
     try:
@@ -134,6 +135,17 @@ def frozen(module: nn.Module | None) -> Iterator[None]:
             m.training = was_training
         for p, flag in grads:
             p.requires_grad_(flag)
+    # State a loss keeps in buffers (batch-norm statistics, a centre, a queue, a memory bank) must be as
+    # the attack found it: its K passes are not training steps. Every in-place write bumps a tensor's
+    # version counter, so the check is free; a buffer rebound to a new tensor is one the attack moved too.
+    moved = [name for name, b, version in versions if b._version != version]
+    now = dict(module.named_buffers())
+    moved += [name for name, b, _ in versions if now.get(name) is not b and name not in moved]
+    if moved:
+        raise RuntimeError(
+            f"the attack's passes changed the state {', '.join(moved[:5])}: a loss may update its state "
+            "only in training mode (the attack runs in eval mode), outside the attacked closure"
+        )
 
 
 FP16_SCALE = 2.0**15
@@ -160,74 +172,126 @@ def input_gradient(loss_of: Callable[[Tensor], Tensor], delta: Tensor, scale: fl
     gradient) is lowered 8-fold and the pass repeated; at 1 what is still not finite is set to 0, so no
     example steps on an inf or nan. ``scale`` 1 (fp32, bf16) is the plain gradient.
     """
+    (grad,) = input_gradients(lambda deltas: loss_of(deltas[0]), [delta], scale)
+    return grad
+
+
+def input_gradients(
+    loss_of: Callable[[list[Tensor]], Tensor], deltas: list[Tensor], scale: float
+) -> list[Tensor]:
+    """:func:`input_gradient` for a loss of several perturbations: each one's gradient, one backward pass."""
     scaled = scale != 1.0
     while True:
-        delta.requires_grad_(True)
-        loss = loss_of(delta)
-        (grad,) = torch.autograd.grad(loss.sum() * scale if scaled else loss.sum(), delta)
-        if not scaled:  # fp32 / bf16: the gradient as it is, no extra pass over it
-            return grad
-        if scale <= 1.0 or bool(torch.isfinite(grad).all()):
-            return torch.nan_to_num(grad / scale, nan=0.0, posinf=0.0, neginf=0.0)
+        for delta in deltas:
+            delta.requires_grad_(True)
+        loss = loss_of(deltas)
+        grads = list(torch.autograd.grad(loss.sum() * scale if scaled else loss.sum(), deltas))
+        if not scaled:  # fp32 / bf16: the gradients as they are, no extra pass over them
+            return grads
+        if scale <= 1.0 or all(bool(torch.isfinite(g).all()) for g in grads):
+            return [torch.nan_to_num(g / scale, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
         scale = max(1.0, scale / 8.0)
 
 
+Inputs = Tensor | tuple[Tensor, ...]
+"""What an attack perturbs: one batch of images, or several of different shapes (a method's views or
+crops, say) that its loss reads together; every one has the same examples along dimension 0."""
+
+
 def pgd(
-    loss_fn: LossFn,
-    x: Tensor,
+    loss_fn: Callable[..., Tensor],
+    x: Inputs,
     attack: Attack,
     *,
     model: nn.Module | None = None,
-    support: Tensor | None = None,
+    support: Tensor | tuple[Tensor | None, ...] | None = None,
     lower: float = 0.0,
     upper: float = 1.0,
-) -> Tensor:
-    """Return a perturbation ``delta`` (detached, same shape as ``x``) that maximises ``loss_fn``.
+    coupled: bool = False,
+) -> Inputs:
+    """Return a perturbation ``delta`` (detached, shaped as ``x``) that maximises ``loss_fn``.
 
-    ``loss_fn(x_adv)`` returns the per-example loss (shape ``[B]``) or a scalar sum of them; every
-    example is attacked independently. ``model`` is switched to eval mode during the attack and
-    restored afterwards. ``support`` (broadcastable to ``x``, 0/1) restricts the perturbation to
-    part of the input, e.g. MAE's visible patches; norms are then taken over that part only and the
-    random start is uniform in the ball of that part.
+    ``loss_fn(x_adv)`` returns the per-example loss (shape ``[B]``) or a scalar sum of them. ``model`` is
+    switched to eval mode during the attack and restored afterwards; the state its buffers hold must be
+    the same after the attack's passes as before (:func:`frozen` checks it). ``support`` (broadcastable
+    to ``x``, 0/1) restricts the perturbation to part of the input, e.g. MAE's visible patches; norms are
+    then taken over that part only and the random start is uniform in the ball of that part.
+
+    ``x`` may be a tuple of inputs of different shapes (with a tuple of supports, ``None`` for a whole
+    input): ``loss_fn`` then takes the tuple, and each input of each example gets its own perturbation
+    in its own ball of radius ``eps`` (so a tuple of two views has two balls, each as large as one
+    image's), stepped from its own gradient; a tuple comes back.
+
+    Examples are attacked independently when the loss of each depends on its own input alone. A loss
+    that couples the batch (a contrastive loss whose negatives are the other examples) says so with
+    ``coupled=True``: all examples are still stepped together, and of several ``restarts`` the one with
+    the highest total loss is kept whole, since keeping each example's best restart would mix
+    perturbations that were never scored together.
+
     Only the gradient with respect to the input is computed (``torch.autograd.grad``), so no
     parameter ``.grad`` is touched and no weight gradient is evaluated. Where the backward pass runs
     in float16 the loss is scaled first (:func:`input_gradient`), so small gradients do not vanish.
     """
     threat, eps, alpha = attack.threat, attack.eps, attack.alpha
-    x = x.detach()
+    many = isinstance(x, tuple | list)
+    xs = [t.detach() for t in (x if many else [x])]  # type: ignore[union-attr]
+    if many:
+        supports = list(support) if support is not None else [None] * len(xs)  # type: ignore[arg-type]
+        if len(supports) != len(xs) or len({t.shape[0] for t in xs}) != 1:
+            raise ValueError("attacked inputs need one support each and the same examples along dim 0")
+    else:
+        supports = [support]  # type: ignore[list-item]
+
+    def shaped(deltas: list[Tensor]) -> Inputs:
+        return tuple(deltas) if many else deltas[0]
+
     if eps == 0:
-        return torch.zeros_like(x)
-    work = x.float()  # the perturbation lives in fp32 even when the model runs in bf16/fp16
-    low, high = lower - work, upper - work  # the perturbations that keep a valid image
+        return shaped([torch.zeros_like(t) for t in xs])
+    works = [t.float() for t in xs]  # the perturbation lives in fp32 even when the model runs in bf16/fp16
+    bounds = [(lower - w, upper - w) for w in works]  # the perturbations that keep a valid image
 
-    def constrain(delta: Tensor) -> Tensor:
+    def constrain(i: int, delta: Tensor) -> Tensor:
         # Supported coordinates only: the start and every step's gradient are masked (below).
-        return threat.project(delta, eps).clamp(low, high)
+        return threat.project(delta, eps).clamp(*bounds[i])
 
-    def per_example(delta: Tensor) -> Tensor:
-        loss = loss_fn((work + delta).to(x.dtype))
-        return loss.float().expand(x.shape[0]) if loss.dim() == 0 else loss.float()
+    batch = xs[0].shape[0]
 
-    scale = FP16_SCALE if runs_in_fp16(x, model) else 1.0
-    best_delta, best_loss = None, None
+    def per_example(deltas: list[Tensor]) -> Tensor:
+        inputs = [(w + d).to(t.dtype) for w, d, t in zip(works, deltas, xs, strict=True)]
+        loss = loss_fn(tuple(inputs) if many else inputs[0])
+        return loss.float().expand(batch) if loss.dim() == 0 else loss.float()
+
+    scale = FP16_SCALE if any(runs_in_fp16(t, model) for t in xs) else 1.0
+    best, best_loss = None, None
     with frozen(model), torch.enable_grad():
         for _ in range(attack.restarts):
-            delta = threat.random_init(work, eps, support) if attack.random_start else torch.zeros_like(work)
-            delta = constrain(delta)
+            deltas = [
+                constrain(i, threat.random_init(w, eps, s) if attack.random_start else torch.zeros_like(w))
+                for i, (w, s) in enumerate(zip(works, supports, strict=True))
+            ]
             for _ in range(attack.steps):
-                grad = input_gradient(per_example, delta, scale)
-                if support is not None:  # the step's direction (l2: its norm) over the supported part only
-                    grad = grad * support
-                delta = constrain(threat.step(delta.detach(), grad, alpha))
+                grads = input_gradients(per_example, deltas, scale)
+                deltas = [
+                    # the step's direction (l2: its norm) over the supported part only
+                    constrain(i, threat.step(d.detach(), g if s is None else g * s, alpha))
+                    for i, (d, g, s) in enumerate(zip(deltas, grads, supports, strict=True))
+                ]
+            deltas = [d.detach() for d in deltas]
             if attack.restarts == 1:
-                return delta.detach().to(x.dtype)
+                return shaped([d.to(t.dtype) for d, t in zip(deltas, xs, strict=True)])
             with torch.no_grad():
-                final = per_example(delta)
-            if best_delta is None:
-                best_delta, best_loss = delta.detach(), final
+                final = per_example(deltas)
+            if best is None:
+                best, best_loss = deltas, final
+            elif coupled:  # the whole batch's perturbations, as they were scored together
+                if final.sum() > best_loss.sum():
+                    best, best_loss = deltas, final
             else:
                 better = final > best_loss
-                best_delta = torch.where(better.view(-1, *([1] * (x.dim() - 1))), delta.detach(), best_delta)
+                best = [
+                    torch.where(better.view(-1, *([1] * (d.dim() - 1))), d, b)
+                    for d, b in zip(deltas, best, strict=True)
+                ]
                 best_loss = torch.maximum(final, best_loss)
-    assert best_delta is not None
-    return best_delta.to(x.dtype)
+    assert best is not None
+    return shaped([d.to(t.dtype) for d, t in zip(best, xs, strict=True)])

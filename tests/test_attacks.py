@@ -340,3 +340,82 @@ def test_the_delta_found_in_bf16_is_nine_tenths_as_strong_as_fp32_s(method: str)
         assert row["fp32"] > 0, row
         assert row["bf16 in fp32"] >= 0.9 * row["fp32"], row
         assert row["fsdp in fp32"] >= 0.9 * row["fp32"], row
+
+
+# -- several inputs, batch-coupled losses, a loss's state --------------------------------------------------
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_several_inputs_of_different_shapes_each_reach_the_optimum_of_their_own_ball(norm: str) -> None:
+    # loss = w1 . x1 + w2 . x2 per example: each input's optimum is on its own ball's boundary, in the
+    # direction of its own weights (l2: eps w / |w| over its support; l_inf: eps sign(w) there).
+    torch.manual_seed(0)
+    x1, x2 = torch.full((3, 3, 4, 4), 0.5), torch.full((3, 3, 2, 2), 0.5)
+    w1, w2 = torch.randn(3, 4, 4), torch.randn(3, 2, 2)
+    s1 = torch.zeros(1, 1, 4, 4)
+    s1[..., :2, :] = 1.0  # the first input is supported on its top half only
+
+    def loss(inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        a, b = inputs
+        return (a * w1).flatten(1).sum(1) + (b * w2).flatten(1).sum(1)
+
+    eps = 0.1 if norm == "l2" else 0.02
+    d1, d2 = pgd(loss, (x1, x2), Attack(norm=norm, eps=eps, steps=20), support=(s1, None))
+    if norm == "l2":
+        g1 = w1 * s1[0]
+        expected1, expected2 = eps * g1 / g1.norm(), eps * w2 / w2.norm()
+    else:
+        expected1, expected2 = eps * w1.sign() * s1[0], eps * w2.sign()
+    for d, expected in ((d1, expected1), (d2, expected2)):
+        torch.testing.assert_close(d, expected.expand_as(d), atol=2e-4, rtol=1e-3)
+
+
+def test_restarts_of_a_batch_coupled_loss_keep_one_restart_whole() -> None:
+    # Each example's loss depends on the others' inputs: the best restart is chosen by the total, whole.
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 4, 4) * 0.5 + 0.25
+    w, u = torch.randn(3, 4, 4), torch.randn(3, 4, 4)
+
+    def coupled(adv: torch.Tensor) -> torch.Tensor:
+        own, shared = (adv * w).flatten(1).sum(1), (adv * u).flatten(1).sum(1)
+        return torch.tanh(own) * torch.cos(3 * shared.mean())
+
+    attack = Attack(norm="l2", eps=0.5, steps=1, step_size=0.05, restarts=4)
+    torch.manual_seed(1)
+    kept = pgd(coupled, x, attack, coupled=True)
+    torch.manual_seed(1)  # the same four random starts, one restart each
+    single = Attack(norm="l2", eps=0.5, steps=1, step_size=0.05)
+    restarts = [pgd(coupled, x, single) for _ in range(4)]
+    totals = [float(coupled(x + d).sum()) for d in restarts]
+    assert torch.equal(kept, restarts[max(range(4), key=totals.__getitem__)])
+    torch.manual_seed(1)
+    mixed = pgd(coupled, x, attack)  # per example, as for independent examples: a mix of restarts
+    assert not any(torch.equal(mixed, d) for d in restarts)
+
+
+class _Centred(nn.Module):
+    """A toy loss with state, as DINO's centre: a running mean of what it sees, moved in training mode."""
+
+    def __init__(self, always: bool = False) -> None:
+        super().__init__()
+        self.always = always
+        self.register_buffer("centre", torch.zeros(4))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.training or self.always:
+            self.centre.mul_(0.9).add_(0.1 * features.detach().mean(0))
+        return ((features - self.centre) ** 2).sum(1)
+
+
+def test_a_loss_s_state_is_as_the_attack_found_it_and_a_loss_that_moves_it_is_refused() -> None:
+    torch.manual_seed(0)
+    for always in (False, True):
+        model = nn.ModuleDict({"net": nn.Linear(3, 4), "loss": _Centred(always)}).train()
+        model["loss"](model["net"](torch.rand(8, 3)))  # a training step moves the centre
+        before = model["loss"].centre.clone()
+        x = torch.rand(8, 3)
+        attack = Attack(norm="l2", eps=0.1, steps=3)
+        if always:
+            with pytest.raises(RuntimeError, match="changed the state loss.centre"):
+                pgd(lambda a: model["loss"](model["net"](a)), x, attack, model=model, lower=-9, upper=9)
+        else:
+            pgd(lambda a: model["loss"](model["net"](a)), x, attack, model=model, lower=-9, upper=9)
+            assert torch.equal(model["loss"].centre, before) and model.training
