@@ -193,7 +193,7 @@ def test_a_study_through_a_hydra_launcher_reports_and_a_local_rerun_only_does_wh
 @pytest.mark.parametrize(
     ("experiment", "pretrain", "finetune"),
     [
-        ("mini", 30, 62),
+        ("mini", 24, 50),
         ("mini_all_labels", 24, 50),
         ("paper_fig1", 48, 49),
         ("paper_fig3", 3, 13),
@@ -341,11 +341,12 @@ def test_mini_fine_tunes_every_arm_and_scratch_on_the_same_scarce_labels_at_the_
     pre = pretrain_jobs(cfg, tmp_path)
     tuned = finetune_jobs(cfg, tmp_path, pre)
     probes = probe_jobs(cfg, tmp_path, pre)
-    # every arm and the scratch baseline: the same labelled subset rule, drawn by the run's seed
+    # every arm of every seed and the scratch baseline: the same 100 labelled images (one draw, labels_seed
+    # 0), so seeds differ in initialisation, pre-training and order, not in which labels they see
     for job in [*tuned, *probes]:
-        assert _last(job, "data.labels_per_class") == "10" and _last(job, "data.labels_seed") is None
+        assert _last(job, "data.labels_per_class") == "10" and _last(job, "data.labels_seed") == "0"
         assert int(_last(job, "seed")) == job.labels["seed"]
-        assert int(_last(job, "optim.min_steps")) >= 500
+        assert int(_last(job, "optim.min_steps")) >= 700
     assert {_last(j, "optim") for j in probes} == {"linear_probe"} and len(probes) == len(pre)
     assert [j.needs for j in knn_jobs(cfg, tmp_path, pre)] == pre
     # the experiment's radii are the paper's at 224 px: l2 converted to 32 px, l_inf as written
