@@ -48,3 +48,13 @@ def make_method(name: str, attack: dict | None = None, num_classes: int = 10, **
     return METHODS[name](
         model=load("model", "vit_micro"), method=method, attack=attack, num_classes=num_classes
     )
+
+
+def one_line(err: str, command: str | None = None, *needles: str) -> None:
+    """What every refusal promises: one line on stderr (``advpt COMMAND: error: …`` when ``command`` is
+    given) that holds each of ``needles``."""
+    assert err.count("\n") == 1, err
+    if command is not None:
+        assert err.startswith(f"advpt {command}: error: "), err
+    for needle in needles:
+        assert needle in err, err

@@ -405,17 +405,20 @@ class _Centred(nn.Module):
         return ((features - self.centre) ** 2).sum(1)
 
 
-def test_a_loss_s_state_is_as_the_attack_found_it_and_a_loss_that_moves_it_is_refused() -> None:
+@pytest.mark.parametrize("always", [False, True], ids=["in-training-mode", "in-every-mode"])
+def test_a_loss_s_state_is_as_the_attack_found_it_and_a_loss_that_moves_it_is_refused(always: bool) -> None:
     torch.manual_seed(0)
-    for always in (False, True):
-        model = nn.ModuleDict({"net": nn.Linear(3, 4), "loss": _Centred(always)}).train()
-        model["loss"](model["net"](torch.rand(8, 3)))  # a training step moves the centre
-        before = model["loss"].centre.clone()
-        x = torch.rand(8, 3)
-        attack = Attack(norm="l2", eps=0.1, steps=3)
-        if always:
-            with pytest.raises(RuntimeError, match="changed the state loss.centre"):
-                pgd(lambda a: model["loss"](model["net"](a)), x, attack, model=model, lower=-9, upper=9)
-        else:
-            pgd(lambda a: model["loss"](model["net"](a)), x, attack, model=model, lower=-9, upper=9)
-            assert torch.equal(model["loss"].centre, before) and model.training
+    model = nn.ModuleDict({"net": nn.Linear(3, 4), "loss": _Centred(always)}).train()
+    model["loss"](model["net"](torch.rand(8, 3)))  # a training step moves the centre
+    before = model["loss"].centre.clone()
+
+    def loss(a: torch.Tensor) -> torch.Tensor:
+        return model["loss"](model["net"](a))
+
+    attack = Attack(norm="l2", eps=0.1, steps=3)
+    if always:
+        with pytest.raises(RuntimeError, match="changed the state loss.centre"):
+            pgd(loss, torch.rand(8, 3), attack, model=model, lower=-9, upper=9)
+    else:
+        pgd(loss, torch.rand(8, 3), attack, model=model, lower=-9, upper=9)
+        assert torch.equal(model["loss"].centre, before) and model.training

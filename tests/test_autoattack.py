@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import one_line, run_cli
 from test_evaluate import FAST, compose, finetuned_run, planted_margins
 
 from advpt.attacks import Attack
@@ -100,8 +100,7 @@ def test_missing_extra_or_unknown_attack_is_one_line(
     before = sorted(tmp_path.rglob("*"))
     assert run_cli(["evaluate", f"checkpoint={run}", *args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("advpt evaluate: error: "), err
-    assert needle in err, err
+    one_line(err, "evaluate", needle)
     assert sorted(tmp_path.rglob("*")) == before
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import one_line, run_cli
 from PIL import Image
 from torch import Tensor, nn
 
@@ -363,6 +363,5 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     args = [a.format(pre=pretrain_run, ft=ft, junk=junk, tmp=tmp_path) for a in args]
     assert run_cli(["evaluate", *args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("advpt evaluate: error: "), err
-    assert needle in err, err
+    one_line(err, "evaluate", needle)
     assert sorted(tmp_path.rglob("*")) == before

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import one_line, run_cli
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 SMALL = ["model=vit_micro", "model.img_size=32"]  # 32 px, as RobustBench's CIFAR-10 images
@@ -195,7 +195,7 @@ def test_a_failed_export_leaves_nothing(runs: dict[str, Path], tmp_path: Path, m
     out = tmp_path / "new" / "exported"
     assert run_cli(["export", f"checkpoint={runs['finetune']}", f"out={out}", f"hydra.run.dir={run}"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot export the model: torch.export failed" in err, err
+    one_line(err, None, "cannot export the model: torch.export failed")
     assert list(tmp_path.iterdir()) == []  # neither out= (nor its new parent) nor the run directory
 
 
@@ -227,8 +227,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         args = [f"checkpoint={runs['finetune']}", *args]
     assert run_cli(["export", *args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("advpt export: error: "), err
-    assert needle in err, err
+    one_line(err, "export", needle)
     assert list(cwd.iterdir()) == []
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]
 

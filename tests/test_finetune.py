@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-from conftest import load, run_cli
+from conftest import load, one_line, run_cli
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
@@ -309,8 +309,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     args = [a.replace("FILES", str(bad_files)).replace("RUN", str(pretrain_run)) for a in args]
     assert run_cli(["finetune", *args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("advpt finetune: error: "), err
-    assert needle in err, err
+    one_line(err, "finetune", needle)
     assert list(cwd.iterdir()) == []
 
 

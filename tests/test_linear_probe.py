@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import timm
 import torch
-from conftest import load, run_cli
+from conftest import load, one_line, run_cli
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -214,7 +214,7 @@ def test_a_layer_decay_is_refused_in_one_line(tmp_path: Path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     assert run_cli(["finetune", "pretrained=none", "optim=linear_probe", "layer_decay=0.65"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("advpt finetune: error: "), err
+    one_line(err, "finetune")
     assert "layer_decay=0.65 does not apply to optim=linear_probe" in err
     assert list(tmp_path.iterdir()) == []
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import load, run_cli
+from conftest import load, one_line, run_cli
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
@@ -209,7 +209,7 @@ def test_a_bad_monitor_setting_is_one_line(args, needle, tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert run_cli(["pretrain", *args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and needle in err, err
+    one_line(err, None, needle)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import one_line, run_cli
 from PIL import Image
 
 from advpt.data.sources import build_source, check_source, num_classes
@@ -186,7 +186,7 @@ def test_dmlab_finetune_and_evaluate(tmp_path: Path, monkeypatch, capsys) -> Non
     (tmp_path / "elsewhere").mkdir()  # evaluate reads the data from another root: absent there
     assert run_cli(["evaluate", *evaluate, "data_root=elsewhere", "hydra.run.dir=ev2"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "dmlab is not under data.root=elsewhere" in err, err
+    one_line(err, None, "dmlab is not under data.root=elsewhere")
     assert not (tmp_path / "ev2").exists()
 
 
@@ -207,7 +207,7 @@ def test_absent_dataset_is_one_line_naming_its_layout(
     monkeypatch.chdir(tmp_path)
     assert run_cli(["finetune", f"data={name}", f"data.root={root}", "pretrained=none"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("advpt finetune: error: "), err
+    one_line(err, "finetune")
     assert f"{name} is not under data.root={root}" in err and f"{root}{layout}" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
 

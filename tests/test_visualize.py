@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import one_line, run_cli
 from PIL import Image
 
 from advpt.visualize import draw, patch_weight, resolve, title
@@ -143,6 +143,5 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, needle, tmp_path,
     args = [a.format(**paths, nopatch=tmp_path / "nopatch.safetensors") for a in args]
     assert run_cli(["visualize", *args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("advpt visualize: error: "), err
-    assert needle in err, err
+    one_line(err, "visualize", needle)
     assert sorted(tmp_path.rglob("*")) == before
