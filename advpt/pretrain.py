@@ -90,46 +90,28 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
 
 
 def check_init(value: Any, model: Mapping[str, Any], method: str) -> str:
-    """``init=`` as a source (advpt.published), its encoder and any MAE decoder checked against the
-    model, shapes only; one line if they do not fit."""
-    from advpt.published import (
-        check_decoder,
-        check_encoder,
-        meta_decoder,
-        meta_vit,
-        read_weights,
-        resolve_source,
-    )
+    """``init=`` as a source (advpt.published), its encoder checked against the model and the rest by the
+    method (``check_init_parts``), shapes only; one line if they do not fit."""
+    from advpt.published import check_encoder, meta_vit, read_weights, resolve_source
 
     source = resolve_source(value, "init")
     weights = read_weights(source, "init", shapes_only=True)
     vit = meta_vit(model)
     check_encoder(weights.encoder, vit, model, "init", source)
-    if method == "mae" and weights.decoder:
-        check_decoder(weights.decoder, meta_decoder(model, vit), model, "init", source)
+    METHODS[method].check_init_parts(weights, vit, model, source)
     return source
 
 
 def load_init(module: PretrainMethod, source: str, model: Mapping[str, Any]) -> list[str]:
     """Start ``module`` from ``init=``: the encoder, with every copy the method keeps of it (BYOL's
-    target, an EMA), and MAE's decoder when the source has one. Returns what to say about it."""
-    from advpt.models import Encoder, MAEDecoder
-    from advpt.published import load_decoder, load_encoder, read_weights, shown_source
+    target, an EMA), then what the method takes beyond it (``load_init_parts``). Returns what to say."""
+    from advpt.models import Encoder
+    from advpt.published import load_encoder, read_weights
 
     weights = read_weights(source, "init")
     vits = [m.vit for m in module.modules() if isinstance(m, Encoder)]
     notes = load_encoder(vits, weights.encoder, model, "init", source)
-    decoder = getattr(module, "decoder", None)
-    shown_init = shown_source(source)
-    if not isinstance(decoder, MAEDecoder):
-        return [*notes, f"loaded the encoder of init={shown_init}"]
-    if not weights.decoder:
-        return [
-            *notes,
-            f"loaded the encoder of init={shown_init}; it has no MAE decoder: the decoder starts fresh",
-        ]
-    load_decoder(decoder, weights.decoder, model, "init", source)
-    return [*notes, f"loaded the encoder and the MAE decoder of init={shown_init}"]
+    return [*notes, module.load_init_parts(weights, model, source)]
 
 
 def run(cfg: DictConfig) -> None:

@@ -5,8 +5,9 @@ The MAE release (facebookresearch/mae) is ``{'model': state_dict}``. Its encoder
 ``VisionTransformer`` names (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.*``), as
 are a timm model's. Their final norm, ``norm.*`` (``fc_norm.*`` in a fine-tuned release), is advpt's
 ``fc_norm``: advpt's ViT pools, then normalises, and its MAE reads every token through ``fc_norm``.
-The decoder (``mask_token``, ``decoder_*``) maps onto :class:`advpt.models.MAEDecoder`, except
-``decoder_pos_embed``: MAE's fixed sin-cos table, which that decoder computes for its own grid.
+The decoder (``mask_token``, ``decoder_*``) maps onto MAE's own (``advpt.methods.mae_parts``), except
+``decoder_pos_embed``: MAE's fixed sin-cos table, which that decoder computes for its own grid. Whether a
+method takes a source's decoder is the method's to say (``PretrainMethod.check_init_parts``).
 
 The architecture is ``model=``'s: every weight must be there with its shape (the classifier head
 aside); a different image size only resamples the position embedding. Files are read as data
@@ -25,14 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from advpt.errors import UserError
-from advpt.models import MAEDecoder, timm_kwargs
+from advpt.models import timm_kwargs
 from advpt.trust import load_checkpoint
 
 TIMM = "timm:"
 RELEASE_SUFFIXES = (".pth", ".pt")
 ADVPT_SUFFIXES = (".safetensors", ".ckpt")  # advpt's own encoder and checkpoint, for init=
 ACCEPTED = "an MAE release .pth, timm:NAME, or an advpt encoder.safetensors, run directory or last.ckpt"
-# The release's decoder names -> advpt's MAEDecoder names (prefixes).
+# The release's decoder names -> advpt's names for MAE's decoder (prefixes).
 DECODER_NAMES = {
     "mask_token": "mask_token",
     "decoder_embed.": "embed.",
@@ -136,7 +137,7 @@ def _release_state(path: Path, what: str) -> dict[str, Tensor]:
 
 
 def _pretrain_checkpoint(path: Path, what: str) -> Weights:
-    """An ``advpt pretrain`` ``last.ckpt``: its encoder, and its MAE decoder when it has one."""
+    """An ``advpt pretrain`` ``last.ckpt``: its encoder, and its decoder when its method has one."""
     ckpt = load_checkpoint(path, what)
     state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None
     if not isinstance(state, Mapping):
@@ -196,22 +197,7 @@ def meta_vit(model: Mapping[str, Any]) -> nn.Module:
         raise UserError(f"cannot build the model {model['name']} ({e})") from None
 
 
-def meta_decoder(model: Mapping[str, Any], vit: nn.Module) -> MAEDecoder:
-    """``model.mae_decoder``'s MAE decoder for ``vit``, shapes only."""
-    dec = model["mae_decoder"]
-    with torch.device("meta"):
-        return MAEDecoder(
-            vit.embed_dim,
-            tuple(vit.patch_embed.grid_size),
-            vit.patch_embed.patch_size[0],
-            dim=dec["dim"],
-            depth=dec["depth"],
-            heads=dec["heads"],
-            mlp_dim=dec["mlp_dim"],
-        )
-
-
-def _first_difference(
+def first_difference(
     given: Mapping[str, Tensor], wanted: Mapping[str, Tensor], resizable: Iterable[str] = ()
 ) -> str | None:
     """The first weight, in the model's order, that is missing or differs in shape; then any extra one."""
@@ -243,7 +229,7 @@ def check_encoder(
     embedding is resampled from (``None``: the same grid)."""
     grid = _source_grid(encoder.get("pos_embed"), vit)
     wanted = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
-    problem = _first_difference(encoder, wanted, resizable=("pos_embed",) if grid else ())
+    problem = first_difference(encoder, wanted, resizable=("pos_embed",) if grid else ())
     if problem:
         described = (
             f"{model['name']} ({model['img_size']} px, patch {model['patch_size']}, "
@@ -254,18 +240,6 @@ def check_encoder(
             "choose the model= it was made for"
         )
     return grid if grid is not None and grid != tuple(vit.patch_embed.grid_size) else None
-
-
-def check_decoder(
-    decoder: Mapping[str, Tensor], target: nn.Module, model: Mapping[str, Any], what: str, source: str
-) -> None:
-    """One line if the source's MAE decoder does not fit ``model.mae_decoder``."""
-    problem = _first_difference(decoder, target.state_dict())
-    if problem:
-        raise UserError(
-            f"{what}={shown_source(source)} has an MAE decoder that does not fit model.mae_decoder="
-            f"{dict(model['mae_decoder'])}: {problem}; set model.mae_decoder.* to the one it was made with"
-        )
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -299,11 +273,3 @@ def load_encoder(
         if bad:  # check_encoder has compared every name: this would be a bug
             raise UserError(f"{what}={shown_source(source)} does not fit the model ({bad[0]})")
     return notes
-
-
-def load_decoder(
-    decoder: nn.Module, weights: Mapping[str, Tensor], model: Mapping[str, Any], what: str, source: str
-) -> None:
-    """Load a source's MAE decoder (advpt's names) into ``decoder``, strictly."""
-    check_decoder(weights, decoder, model, what, source)
-    decoder.load_state_dict(dict(weights))

@@ -19,8 +19,9 @@ import advpt.methods.mae as mae_module
 from advpt.methods.byol import byol_loss
 from advpt.methods.classify import rotate
 from advpt.methods.mae import mae_loss, per_patch_normalized
+from advpt.methods.mae_parts import patch_mask_to_pixels, patchify, random_visible
 from advpt.methods.momentum import cosine_momentum
-from advpt.models import IMAGENET_MEAN, IMAGENET_STD, patch_mask_to_pixels, patchify, random_visible
+from advpt.models import IMAGENET_MEAN, IMAGENET_STD
 from advpt.training.schedule import soft_cross_entropy
 
 L2 = {"norm": "l2", "eps": 1.0, "steps": 3}

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from advpt.finetune import load_backbone
-from advpt.models import Encoder, sincos_pos_embed
+from advpt.methods.mae_parts import sincos_pos_embed
+from advpt.models import Encoder
 
 
 def mae_2d_sincos(embed_dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:

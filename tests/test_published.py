@@ -22,7 +22,8 @@ from advpt.config import compose
 from advpt.errors import UserError
 from advpt.finetune import FineTuner, check
 from advpt.finetune.pretrained import load_published
-from advpt.models import Encoder, sincos_pos_embed
+from advpt.methods.mae_parts import sincos_pos_embed
+from advpt.models import Encoder
 from advpt.pretrain import check_init, load_init
 from advpt.published import advpt_names
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -26,6 +26,11 @@ from advpt.training.sharding import (
     gathered,
     shard,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from advpt.published import Weights
 
 
 class PretrainMethod(L.LightningModule):
@@ -156,6 +161,22 @@ class PretrainMethod(L.LightningModule):
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.vit.{n}" for n in self.encoder.vit.no_weight_decay()}
+
+    # -- init= ------------------------------------------------------------------------------
+    @classmethod
+    def check_init_parts(
+        cls, weights: Weights, vit: nn.Module, model: Mapping[str, Any], source: str
+    ) -> None:
+        """One line (a ``UserError``) if what ``init=`` holds for this method's own networks, beyond the
+        encoder (checked already against ``vit``, ``model=``'s ViT on the meta device), does not fit
+        them; shapes only. A method that takes the encoder alone has nothing to check."""
+
+    def load_init_parts(self, weights: Weights, model: Mapping[str, Any], source: str) -> str:
+        """Load what ``init=`` holds for this method's own networks (its encoders are loaded already);
+        returns the line that says what was loaded."""
+        from advpt.published import shown_source
+
+        return f"loaded the encoder of init={shown_source(source)}"
 
     # -- export -----------------------------------------------------------------------------
     def exported_encoder(self) -> Encoder:

@@ -10,7 +10,16 @@ from torch import Tensor, nn
 
 from advpt.methods.base import PretrainMethod
 from advpt.methods.momentum import MomentumTeacher, cosine_momentum
-from advpt.models import mlp
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """BYOL's projector / predictor: Linear-BN-ReLU-Linear (sizes: ``model.byol_mlp``)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )
 
 
 def byol_loss(prediction: Tensor, target_projection: Tensor) -> Tensor:

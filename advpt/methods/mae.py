@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from advpt.attacks import frozen
 from advpt.methods.base import PretrainMethod
-from advpt.models import (
+from advpt.methods.mae_parts import (
     MAEDecoder,
+    check_decoder,
     mae_initialize,
     patch_mask_to_pixels,
     patchify,
     random_visible,
     unpatchify,
 )
+
+if TYPE_CHECKING:
+    from advpt.published import Weights
 
 
 def per_patch_normalized(patches: Tensor) -> Tensor:
@@ -43,18 +48,36 @@ class MAE(PretrainMethod):
         # MAE's init and fixed sin-cos positions are part of the MAE method; BYOL, RotNet and
         # supervised keep timm's ViT init and learned positions, as MAE's from-scratch baseline does.
         mae_initialize(self.encoder.vit)
-        dec = self.hparams.model["mae_decoder"]
-        self.decoder = MAEDecoder(
+        self.decoder = MAEDecoder.for_encoder(
+            self.hparams.model["mae_decoder"],
             self.encoder.dim,
             self.encoder.grid_size,
             self.encoder.patch_size,
-            dim=dec["dim"],
-            depth=dec["depth"],
-            heads=dec["heads"],
-            mlp_dim=dec["mlp_dim"],
         )
         self.mask_ratio = float(self.method_cfg["mask_ratio"])
         self.norm_pix = bool(self.method_cfg.get("norm_pix_loss", True))
+
+    @classmethod
+    def check_init_parts(
+        cls, weights: Weights, vit: nn.Module, model: Mapping[str, Any], source: str
+    ) -> None:
+        """A source's decoder, where it has one, must fit ``model.mae_decoder``."""
+        if weights.decoder:
+            grid, patch = tuple(vit.patch_embed.grid_size), vit.patch_embed.patch_size[0]
+            with torch.device("meta"):
+                decoder = MAEDecoder.for_encoder(model["mae_decoder"], vit.embed_dim, grid, patch)
+            check_decoder(weights.decoder, decoder, model, source)
+
+    def load_init_parts(self, weights: Weights, model: Mapping[str, Any], source: str) -> str:
+        """The source's decoder where it has one; else the decoder starts fresh."""
+        from advpt.published import shown_source
+
+        shown = shown_source(source)
+        if not weights.decoder:
+            return f"loaded the encoder of init={shown}; it has no MAE decoder: the decoder starts fresh"
+        check_decoder(weights.decoder, self.decoder, model, source)
+        self.decoder.load_state_dict(dict(weights.decoder))
+        return f"loaded the encoder and the MAE decoder of init={shown}"
 
     def target_patches(self, images: Tensor) -> Tensor:
         """What the decoder predicts: patches of the mean/std-normalised image (MAE normalises the
