@@ -38,8 +38,17 @@ _INSPECT_FLAGS = {
 
 def fail(message: str, command: str | None = None, code: int = 2) -> None:
     prog = f"advpt {command}" if command else "advpt"
+    _close_progress_bars()
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def _close_progress_bars() -> None:
+    """Close a progress bar that a failed run left open now, so its last redraw (tqdm repaints it when it
+    is closed, at exit otherwise) comes before the error line rather than after it."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -436,3 +436,17 @@ def test_a_held_out_class_the_training_split_lacks_is_one_line_and_writes_nothin
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "val/ has classes train/ lacks: z" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_an_error_line_comes_after_the_last_redraw_of_an_open_progress_bar(capsys) -> None:
+    import tqdm
+
+    from advpt.cli import fail
+
+    bar = tqdm.tqdm(total=10, desc="Epoch 0")  # what a run that fails mid-epoch leaves open
+    bar.update(3)
+    with pytest.raises(SystemExit) as stopped:
+        fail("cannot write last.ckpt: no space left on device", "pretrain", 74)
+    assert stopped.value.code == 74 and bar.disable is True  # closed, so nothing is redrawn at exit
+    err = capsys.readouterr().err
+    assert err.endswith("advpt pretrain: error: cannot write last.ckpt: no space left on device\n"), err
