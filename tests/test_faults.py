@@ -268,9 +268,13 @@ HOLDER = """
 import os, sys, time
 from advpt.lock import hold
 hold(sys.argv[1], "pretrain", ["trainer.max_steps=20", "hydra.run.dir=" + sys.argv[1]])
+ready, told = os.pipe()
 worker = os.fork() if sys.argv[2] == "fork" else -1  # a data-loader worker, say: it must not keep the lock
 if worker == 0:
+    os.write(told, b"1")  # the fork's hooks have run in this child: its copy of the lock is closed
     time.sleep(600)
+if worker > 0:
+    os.read(ready, 1)
 print("held", worker, flush=True)
 time.sleep(600)
 """
