@@ -120,10 +120,19 @@ def test_summary_opens_with_the_claims_table_and_claims_csv_has_a_row_per_differ
     assert {r["difference_interval"] for r in rows} == {"paired"}
 
 
-def test_the_premise_opens_the_claims_and_a_method_it_fails_for_is_untestable(tmp_path: Path) -> None:
-    rng = np.random.default_rng(1)
+def _judged(root: Path, skills: dict, rng: np.random.Generator) -> list:
+    """The claims of one synthetic grid: each (method, attack, eps) arm scored with its skill on the same
+    images (a difficulty per image of the test split, one corruption and one l2 radius)."""
     difficulty = {"builtin": rng.random(1500), "corruptions/fog/1": rng.random(500)}
     difficulty["robust/l2/0.5"] = rng.random(1000)
+    for (method, attack, eps), skill in skills.items():
+        chain_with_outcomes(root, f"{method}-{attack}-{eps}", method, attack, eps, skill, difficulty, rng)
+    rows = collect([root])
+    headline, _ = agg.headline_rows(rows)
+    return judge(rows, headline)
+
+
+def test_the_premise_opens_the_claims_and_a_method_it_fails_for_is_untestable(tmp_path: Path) -> None:
     skills = {  # MAE's nominal pre-training beats scratch (0.40) by far, RotNet's does not
         ("scratch", "none", 0): 0.40,
         ("mae", "none", 0): 0.60,
@@ -131,12 +140,7 @@ def test_the_premise_opens_the_claims_and_a_method_it_fails_for_is_untestable(tm
         ("rotnet", "none", 0): 0.40,
         ("rotnet", "l2", 0.5): 0.20,
     }
-    root = tmp_path / "runs"
-    for (method, attack, eps), skill in skills.items():
-        chain_with_outcomes(root, f"{method}-{attack}-{eps}", method, attack, eps, skill, difficulty, rng)
-    rows = collect([root])
-    headline, _ = agg.headline_rows(rows)
-    claims = judge(rows, headline)
+    claims = _judged(tmp_path / "runs", skills, np.random.default_rng(1))
     first = claims[0]
     assert first.text.startswith("pre-training helps here")
     assert {t.label: t.verdict for t in first.tests} == {
@@ -149,21 +153,14 @@ def test_the_premise_opens_the_claims_and_a_method_it_fails_for_is_untestable(tm
     assert gains.untestable == ("RotNet",)
 
     # where the premise fails for every method, the claims about adversarial pre-training are untestable
-    flat = tmp_path / "flat"
-    for method, attack, eps in [("scratch", "none", 0), ("mae", "none", 0), ("mae", "l2", 0.5)]:
-        chain_with_outcomes(flat, f"{method}-{attack}-{eps}", method, attack, eps, 0.40, difficulty, rng)
-    rows = collect([flat])
-    headline, _ = agg.headline_rows(rows)
-    claims = judge(rows, headline)
+    flat = {arm: 0.40 for arm in [("scratch", "none", 0), ("mae", "none", 0), ("mae", "l2", 0.5)]}
+    claims = _judged(tmp_path / "flat", flat, np.random.default_rng(3))
     assert claims[0].verdict != REPRODUCED
     assert all(c.verdict == UNTESTABLE and not c.tests for c in claims[1:])
     assert {c.text for c in claims[1:]} >= {"every method gains from adversarial pre-training"}
 
 
 def test_a_method_the_table_does_not_know_is_judged_not_dropped(tmp_path: Path) -> None:
-    rng = np.random.default_rng(2)
-    difficulty = {"builtin": rng.random(1500), "corruptions/fog/1": rng.random(500)}
-    difficulty["robust/l2/0.5"] = rng.random(1000)
     skills = {  # "toy" has no entry (no label, no order) in advpt.method_table; it gains, as MAE does
         ("scratch", "none", 0): 0.30,
         ("mae", "none", 0): 0.50,
@@ -171,12 +168,7 @@ def test_a_method_the_table_does_not_know_is_judged_not_dropped(tmp_path: Path) 
         ("toy", "none", 0): 0.50,
         ("toy", "l2", 0.5): 0.70,
     }
-    root = tmp_path / "runs"
-    for (method, attack, eps), skill in skills.items():
-        chain_with_outcomes(root, f"{method}-{attack}-{eps}", method, attack, eps, skill, difficulty, rng)
-    rows = collect([root])
-    headline, _ = agg.headline_rows(rows)
-    claims = judge(rows, headline)
+    claims = _judged(tmp_path / "runs", skills, np.random.default_rng(2))
     assert {t.label for t in claims[0].tests} == {"MAE nominal − scratch", "toy nominal − scratch"}
     gains = next(c for c in claims if c.text.startswith("every method gains"))
     # the table's methods first, in the paper's order, then the unknown one
