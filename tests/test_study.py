@@ -193,7 +193,7 @@ def test_a_study_through_a_hydra_launcher_reports_and_a_local_rerun_only_does_wh
 @pytest.mark.parametrize(
     ("experiment", "pretrain", "finetune"),
     [
-        ("mini", 24, 50),
+        ("mini", 36, 40),
         ("mini_all_labels", 24, 50),
         ("paper_fig1", 48, 49),
         ("paper_fig3", 3, 13),
@@ -346,7 +346,9 @@ def test_mini_fine_tunes_every_arm_and_scratch_on_the_same_scarce_labels_at_the_
     for job in [*tuned, *probes]:
         assert _last(job, "data.labels_per_class") == "10" and _last(job, "data.labels_seed") == "0"
         assert int(_last(job, "seed")) == job.labels["seed"]
-        assert int(_last(job, "optim.min_steps")) >= 700
+    assert all(int(_last(j, "optim.min_steps")) >= 700 for j in tuned)
+    # the probe's lr held near MAE's actual 6.4 (16 x 64 / 256 = 4), where LARS's trust ratio lets the head move
+    assert all(int(_last(j, "optim.min_steps")) >= 500 and float(_last(j, "optim.lr")) >= 1 for j in probes)
     assert {_last(j, "optim") for j in probes} == {"linear_probe"} and len(probes) == len(pre)
     assert [j.needs for j in knn_jobs(cfg, tmp_path, pre)] == pre
     # the experiment's radii are the paper's at 224 px: l2 converted to 32 px, l_inf as written
