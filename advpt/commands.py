@@ -1,12 +1,14 @@
 """The commands of ``advpt``: name -> the module that runs it (``run(cfg)``) and its one-line help.
 
-Torch-free and import-free: the command line, the workers of a multi-process run and the help read
-it before anything heavy is imported.
+Torch-free and import-free (but for the torch-free table of methods): the command line, the workers of a
+multi-process run and the help read it before anything heavy is imported.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+from advpt.method_table import METHOD_TABLE
 
 
 class Command(NamedTuple):
@@ -17,7 +19,7 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         "advpt.pretrain",
-        "adversarial / nominal self-supervised pre-training (MAE, BYOL, RotNet, supervised)",
+        f"adversarial / nominal self-supervised pre-training (method={'|'.join(METHOD_TABLE)})",
     ),
     "finetune": Command(
         "advpt.finetune",

@@ -4,11 +4,17 @@ and networks it trains, and how long its runs take.
 The one list of methods: ``advpt.names``, ``advpt.methods``, the config checks, the views
 (``advpt.data.transforms``), the study and the report read it. Torch-free and import-free, as
 ``advpt.commands`` is for commands: the command line checks a method's name before anything heavy loads.
+Every list derived from it (:data:`REPORT_ORDER`, ``names.METHODS``, ``names.METHOD_LABEL``, the classes
+of ``advpt.methods.METHODS``, the report's colours) is a live view that reads the table when it is used,
+never a copy made at import: an entry added later (a test's own method) is seen everywhere.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar, overload
+
+V = TypeVar("V")
 
 
 class Method(NamedTuple):
@@ -66,8 +72,69 @@ METHOD_TABLE: dict[str, Method] = {
 }
 """Every pre-training method (``method=NAME``, ``conf/method/NAME.yaml``), in the order messages list them."""
 
-REPORT_ORDER: tuple[str, ...] = tuple(sorted(METHOD_TABLE, key=lambda name: METHOD_TABLE[name].order))
-"""The methods in the order the report's figures and tables show them."""
+
+class Names(Sequence[str]):
+    """The table's names as a tuple read afresh at each use: in the table's order, or sorted by ``key``.
+    Compares equal to the tuple it reads as."""
+
+    def __init__(self, key: Callable[[str], Any] | None = None) -> None:
+        self._key = key
+
+    def now(self) -> tuple[str, ...]:
+        """The names at this moment, as a plain tuple."""
+        return tuple(METHOD_TABLE) if self._key is None else tuple(sorted(METHOD_TABLE, key=self._key))
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[str, ...]: ...
+    def __getitem__(self, index: int | slice) -> str | tuple[str, ...]:
+        return self.now()[index]
+
+    def __len__(self) -> int:
+        return len(METHOD_TABLE)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.now())
+
+    def __contains__(self, name: object) -> bool:
+        return name in METHOD_TABLE
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Names):
+            other = other.now()
+        return self.now() == other if isinstance(other, tuple) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # it changes with the table
+
+    def __repr__(self) -> str:
+        return repr(self.now())
+
+
+class Column(Mapping[str, V]):
+    """name -> ``value(name)`` for every method of the table, read at each use, in ``names``' order."""
+
+    def __init__(self, value: Callable[[str], V], names: Sequence[str] | None = None) -> None:
+        self._value = value
+        self._names = names
+
+    def __getitem__(self, name: str) -> V:
+        if name not in METHOD_TABLE:
+            raise KeyError(name)
+        return self._value(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names if self._names is not None else tuple(METHOD_TABLE))
+
+    def __len__(self) -> int:
+        return len(METHOD_TABLE)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+REPORT_ORDER = Names(key=lambda name: METHOD_TABLE[name].order)
+"""The methods in the order the report's figures and tables show them (a live view of the table)."""
 
 SCRATCH = "scratch"
 """The baseline every method is compared with: fine-tuning from random weights. Not a method (nothing is

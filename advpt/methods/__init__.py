@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from advpt.method_table import METHOD_TABLE, method_class
+from advpt.method_table import METHOD_TABLE, Column, method_class
 from advpt.methods.base import PretrainMethod
 
-METHODS: dict[str, type[PretrainMethod]] = {name: method_class(name) for name in METHOD_TABLE}
+METHODS: Column[type[PretrainMethod]] = Column(method_class)
+"""name -> its LightningModule, read from the table at each use (a method added to it later included)."""
+
+for _name in METHOD_TABLE:  # the shipped methods load with the package (a study's fork server preloads it)
+    method_class(_name)
 
 __all__ = ["METHODS", "PretrainMethod"]

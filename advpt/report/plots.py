@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from advpt.files import atomic_path
-from advpt.method_table import METHOD_TABLE, SCRATCH_COLOUR, SCRATCH_LABEL
+from advpt.method_table import METHOD_TABLE, SCRATCH_COLOUR, SCRATCH_LABEL, Column
 from advpt.names import ATTACK_LABEL, METHOD_LABEL, NORMS, arm_label
 from advpt.report.aggregate import methods_in
 from advpt.report.intervals import Estimate
 
-COLOURS = {name: method.colour for name, method in METHOD_TABLE.items()}
+# each method's line in the figures, read from the table at each use
+COLOURS = Column(lambda name: METHOD_TABLE[name].colour)
 
 
 def _plt() -> Any:
