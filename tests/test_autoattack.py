@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import one_line, run_cli
-from test_evaluate import FAST, compose, finetuned_run, planted_margins
+from helpers import FAST, compose, finetuned_run, one_line, planted_margins, run_cli
 
 from advpt.attacks import Attack
 from advpt.errors import UserError

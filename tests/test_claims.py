@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import chain_with_outcomes
 
 from advpt.report import aggregate as agg
 from advpt.report import build_report
@@ -14,7 +15,6 @@ from advpt.report.claims import CONTRADICTED, INCONCLUSIVE, REPRODUCED, UNTESTAB
 from advpt.report.collect import collect
 from advpt.report.differences import AVERAGE, compare, contrast, estimate
 from advpt.report.intervals import Estimate
-from tests.test_report import chain_with_outcomes
 
 
 def test_a_verdict_is_read_from_the_interval_never_from_the_point() -> None:

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from test_report import make_chain
+from helpers import make_chain
 
 from advpt.report import build_report
 from advpt.report.collect import val_curve

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load, one_line, run_cli
+from helpers import load, one_line, run_cli
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,7 +313,7 @@ def test_under_fsdp_the_attack_gathers_each_group_once_and_reduces_nothing(probe
     """Adversarial MAE (PGD-2) under FSDP: one all-gather per sharded group for the whole attack
     (FSDP's hooks alone would gather every group in each of its 2 x K passes), and no reduce-scatter:
     the attack computes input gradients only."""
-    from conftest import make_method
+    from helpers import make_method
 
     from advpt.training.sharding import blocks, networks
 
@@ -457,7 +457,7 @@ def test_what_this_machine_lacks_is_one_line_exit_2(args, needle, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert run_cli(["pretrain", *args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and needle in err and "this machine has" in err, err
+    one_line(err, None, needle, "this machine has")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -474,7 +474,7 @@ def test_more_cpu_processes_than_cores_is_one_line_before_anything_starts(
     args = [f"trainer.accelerator={accelerator}", f"trainer.devices={cores + 1}", "trainer.strategy=ddp"]
     assert run_cli(["pretrain", *args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
+    one_line(err)
     assert f"trainer.devices={cores + 1} would start {cores + 1} CPU processes on {cores} cores" in err
     assert list(tmp_path.iterdir()) == []  # (trainer.accelerator=cpu: before any heavy import, test_cli)
 

@@ -9,98 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_line, run_cli
+from helpers import FAST, compose, finetuned_run, one_line, planted_margins, run_cli
 from PIL import Image
-from torch import Tensor, nn
 
 from advpt.attacks import Attack
 from advpt.data.corruptions import CORRUPTIONS
 from advpt.data.variants import imagenet_synsets, subset_indices
 from advpt.evaluate import evaluate, format_table, robust_accuracy, robust_specs
 
-MICRO = {"img_size": 16, "patch_size": 4, "global_pool": "avg", "embed_dim": 32, "depth": 2, "num_heads": 2}
-
-
-def finetuned_run(
-    directory: Path, num_classes: int = 10, data: dict | None = None, constant: int | None = None
-) -> Path:
-    """A fine-tuning run directory as ``advpt finetune`` writes it: model.safetensors + model.json.
-
-    ``constant``: zero the head's weight and put all bias on that class, so the model predicts it for every input.
-    """
-    import timm
-    from safetensors.torch import save_file
-
-    kwargs = {**MICRO, "num_classes": num_classes}
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
-    if constant is not None:
-        with torch.no_grad():
-            vit.head.weight.zero_()
-            vit.head.bias.zero_()
-            vit.head.bias[constant] = 10.0
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(directory / "model.safetensors"))
-    spec = {
-        "name": "vit_tiny_patch16_224",
-        "kwargs": kwargs,
-        "data": data or {"name": "builtin", "root": None},
-        "num_classes": num_classes,
-        "pretrained": None,
-        "layer_decay": 0.65,
-        "optim": "adamw",
-    }
-    (directory / "model.json").write_text(json.dumps(spec))
-    return directory
-
-
-def compose(*overrides: str):
-    from advpt.config import compose
-
-    return compose("evaluate", list(overrides))
-
-
-FAST = ["max_images=4", "num_workers=0", "batch_size=64", "robust.max_images=4", "robust.steps=1"]
-
-
 # ------------------------------------------------------------------------------ robust accuracy, closed form
-class Linear2(nn.Module):
-    """Two classes, logit difference ``w . (x - 0.5)``: the l_p-robust examples are known in closed form."""
-
-    def __init__(self, w: Tensor) -> None:
-        super().__init__()
-        self.w = nn.Parameter(w, requires_grad=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = (x - 0.5).flatten(1) @ self.w.flatten()
-        return torch.stack([torch.zeros_like(z), z], dim=-1)
-
-
-def planted_margins(norm: str, unit: float, side: int = 4) -> tuple[Linear2, Tensor, Tensor, list[int]]:
-    """A linear model on side x side images and 42 examples whose robust count at radii 0, unit, 2 unit
-    is known: 36, 24, 12.
-
-    Under an l_p ball of radius eps the worst case lowers the margin by eps * ||w||_q (q the dual norm),
-    so an example is robust iff margin > eps * ||w||_q. Margins are planted at multiples of
-    unit * ||w||_q away from the thresholds at radii 0, unit and 2 unit.
-    """
-    g = torch.Generator().manual_seed(0)
-    shape = (3, side, side)
-    w = (torch.rand(shape, generator=g) + 0.5) * torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
-    dual = w.abs().sum() if norm == "linf" else w.norm()
-    multiples = torch.tensor([-0.5, 0.3, 0.7, 1.4, 1.7, 2.5, 3.0]).repeat(6)  # 42 examples
-    y = torch.randint(0, 2, multiples.shape, generator=g)
-    logit = (2 * y - 1) * multiples * unit * dual  # signed logit difference: margin * (+1 for class 1)
-    # x = 0.5 + noise orthogonal to w + the shift along w that plants the logit; far from the [0,1] edges.
-    flat_w = w.flatten()
-    noise = (torch.rand(len(y), flat_w.numel(), generator=g) - 0.5) * 0.1
-    noise -= (noise @ flat_w)[:, None] * flat_w / flat_w.dot(flat_w)
-    x = (0.5 + noise + logit[:, None] * flat_w / flat_w.dot(flat_w)).view(-1, *shape)
-    assert x.min() > 0.3 and x.max() < 0.7
-    model = Linear2(w)
-    assert torch.allclose(model(x)[:, 1], logit, atol=1e-4)
-    expected = [int((multiples > k).sum()) for k in (0, 1, 2)]  # 6, 4 and 2 of every 7
-    assert expected == [36, 24, 12]
-    return model, x, y, expected
 
 
 @pytest.mark.parametrize("norm,unit", [("linf", 2 / 255), ("l2", 0.1)])

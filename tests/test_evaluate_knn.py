@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import one_line, run_cli
+from helpers import FAST, compose, finetuned_run, one_line, run_cli
 from safetensors.torch import save_file
-from test_evaluate import FAST, compose, finetuned_run
 
 from advpt.attacks import Attack
 from advpt.evaluate import evaluate, format_table

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_line, run_cli
+from helpers import one_line, run_cli
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 SMALL = ["model=vit_micro", "model.img_size=32"]  # 32 px, as RobustBench's CIFAR-10 images
@@ -174,7 +174,8 @@ def test_where_torch_export_fails_it_writes_torchscript_and_says_so(
         == 0
     )
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("advpt export: warning: torch.export cannot export"), err
+    one_line(err)
+    assert err.startswith("advpt export: warning: torch.export cannot export"), err
     assert "RuntimeError: cannot export this)" in err and "model.ts" in err
     info = json.loads((out / "model.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.ts"]

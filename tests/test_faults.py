@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import one_line, run_cli
+from helpers import one_line, run_cli
 
 from advpt.errors import DiskFull, FolderInUse
 from advpt.files import atomic_path, write_text
@@ -364,7 +364,8 @@ def test_a_command_into_a_held_folder_is_one_line_exit_75_and_writes_nothing(
     with held(folder) as first:
         assert run_cli([command, *args, f"hydra.run.dir={folder}"]) == 75
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith(
+        one_line(err)
+        assert err.startswith(
             f"advpt {command}: error: {folder} is in use by another run (pid {first.pid} on "
         ), err
         assert err.rstrip().endswith(f"give advpt {command} another hydra.run.dir")
@@ -393,7 +394,8 @@ def test_two_runs_started_into_one_folder_the_second_refused_the_first_unaffecte
         out, err = first.communicate(timeout=300)
     finally:
         first.kill()
-    assert second.returncode == 75 and second.stderr.count("\n") == 1, second.stderr[-2000:]
+    assert second.returncode == 75, second.stderr[-2000:]
+    one_line(second.stderr)
     assert f"in use by another run (pid {first.pid} on " in second.stderr
     assert "trainer.max_steps=200" in second.stderr  # the holder's command line
     assert first.returncode == 0, err[-2000:]
@@ -515,7 +517,7 @@ def _held(lock: Path) -> bool:
 
 @pytest.mark.slow
 def test_a_study_killed_with_sigkill_stops_its_runs_and_finishes_when_run_again(tmp_path: Path) -> None:
-    from tests.test_study import SMALL
+    from helpers import SMALL
 
     out = tmp_path / "study"
     args = _cli("study", *SMALL, "experiment.scratch.enabled=false", "report=false", f"hydra.run.dir={out}")

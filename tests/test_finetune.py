@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-from conftest import load, one_line, run_cli
+from helpers import load, one_line, run_cli
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 from omegaconf import OmegaConf
 
 from advpt.data import labelled

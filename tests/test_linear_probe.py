@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import timm
 import torch
-from conftest import load, one_line, run_cli
+from helpers import load, one_line, run_cli
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -240,7 +240,7 @@ def test_linear_probe_run_keeps_the_pretrained_encoder_and_exports_a_timm_classi
 
 
 def test_lars_with_weight_decay_is_refused_in_one_line(capsys) -> None:
-    from conftest import run_cli
+    from helpers import run_cli
 
     assert run_cli(["finetune", "pretrained=none", "optim=linear_probe", "optim.weight_decay=0.05"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

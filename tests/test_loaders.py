@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_evaluate import FAST, compose, finetuned_run
+from helpers import FAST, compose, finetuned_run
 from torch.utils.data import TensorDataset
 
 from advpt.config import machine
@@ -97,7 +97,7 @@ def test_a_dev_shm_too_small_for_the_batches_is_one_line_naming_shm_size(monkeyp
 
 
 def test_the_cli_turns_the_refusal_into_one_line_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
-    from conftest import run_cli
+    from helpers import run_cli
 
     monkeypatch.chdir(tmp_path)
     small_shm(monkeypatch, 100_000)  # 2 workers x 2 batches of 64 x 3 x 16 x 16 x 4 bytes: 393 kB

@@ -4,35 +4,15 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from conftest import make_method
+from helpers import mae_2d_sincos, make_method
 from safetensors.torch import load_file
 from torch import nn
 
 from advpt.finetune import load_backbone
 from advpt.methods.mae_parts import sincos_pos_embed
 from advpt.models import Encoder
-
-
-def mae_2d_sincos(embed_dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
-    """MAE's ``get_2d_sincos_pos_embed`` (util/pos_embed.py), transcribed in numpy: [1, (1+) g*g, D]."""
-
-    def one_d(dim: int, pos: np.ndarray) -> np.ndarray:
-        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-        omega = 1.0 / 10000**omega
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    grid = np.meshgrid(
-        np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64)
-    )  # w first
-    grid = np.stack(grid, axis=0).reshape(2, 1, grid_size, grid_size)
-    emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
-    if cls_token:
-        emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
-    return torch.from_numpy(emb).float().unsqueeze(0)
 
 
 @pytest.mark.parametrize("dim,grid", [(32, 4), (768, 14), (512, 8)])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import load, one_line, run_cli
+from helpers import load, one_line, run_cli
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 

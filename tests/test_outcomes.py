@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_evaluate import FAST, compose, finetuned_run
+from helpers import FAST, compose, finetuned_run
 from torch import Tensor, nn
 
 from advpt.data.corruptions import CORRUPTIONS

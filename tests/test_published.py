@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import load, make_method, run_cli
+from helpers import load, make_method, one_line, run_cli
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
@@ -283,8 +283,7 @@ def test_what_does_not_fit_is_one_line_exit_2_and_writes_nothing(
     args = [a.replace("FILES", str(files)) for a in args]
     assert run_cli([*args, *FAST]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"advpt {args[0]}: error: "), err
-    assert needle.replace("FILES", str(files)) in err, err
+    one_line(err, args[0], needle.replace("FILES", str(files)))
     assert list(cwd.iterdir()) == []
 
 
@@ -365,5 +364,5 @@ def test_a_release_fine_tunes_in_its_model_and_is_refused_by_another(
 
     assert run_cli(["finetune", f"pretrained={pth}", "model=vit_micro", "trainer.max_steps=3"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "does not fit the model" in err
+    one_line(err, None, "does not fit the model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["files", "run"]  # no run folder

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import make_method
+from helpers import make_method
 from omegaconf import OmegaConf
 
 from advpt.config import compose

@@ -10,66 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import chain_with_outcomes, make_chain
 
 from advpt.report import aggregate as agg
 from advpt.report import build_report, intervals, paper_values, table1_markdown
 from advpt.report.collect import collect, radius_label, radius_value
-
-
-def make_chain(
-    root: Path,
-    name: str,
-    method: str,
-    attack: str,
-    eps: float | str,
-    sets: dict[str, tuple[float, int]],
-    layer_decay: float = 0.85,
-    seed: int = 0,
-    optim: str = "adamw_lld",
-    data: str = "builtin",
-    robust: dict[str, dict[str, tuple[float, int]]] | None = None,
-) -> Path:
-    """pretrain/<name>, finetune/<name>-..., evaluate/<name>-... as the commands write them."""
-    if method == "scratch":
-        pretrained = "none"
-    else:
-        pre = root / "pretrain" / name
-        pre.mkdir(parents=True, exist_ok=True)
-        config = {
-            "method": {"name": method},
-            "attack": {"name": attack, "default_eps": 0.5},
-            "eps": eps,
-            "seed": seed,
-        }
-        (pre / "config.yaml").write_text(yaml.safe_dump(config))
-        (pre / "encoder.safetensors").write_bytes(b"")
-        pretrained = str(pre / "encoder.safetensors")
-    tag = f"{name}-{data}-{optim}-ld{layer_decay}-s{seed}"
-    ft = root / "finetune" / tag
-    ft.mkdir(parents=True)
-    spec = {
-        "pretrained": pretrained,
-        "layer_decay": layer_decay,
-        "optim": {"name": optim},
-        "data": {"name": data},
-    }
-    (ft / "model.json").write_text(json.dumps(spec))
-    (ft / "config.yaml").write_text(yaml.safe_dump({"seed": seed}))
-    ev = root / "evaluate" / tag
-    ev.mkdir(parents=True)
-    results = {
-        "checkpoint": str(ft / "model.safetensors"),
-        "suite": "auto",
-        "sets": {k: {"top1": p, "images": n} for k, (p, n) in sets.items()},
-        "robust": {
-            norm: {r: {"accuracy": a, "images": n, "eps": radius_value(r)} for r, (a, n) in by.items()}
-            for norm, by in (robust or {}).items()
-        },
-    }
-    # a corruption's own entry (per-severity detail) is not a headline set
-    results["sets"]["corruptions/fog"] = {"top1": 0.1, "images": 10, "group": "corruptions", "severities": {}}
-    (ev / "results.json").write_text(json.dumps(results))
-    return ev
 
 
 def test_wilson_interval_matches_the_closed_form() -> None:
@@ -293,38 +238,6 @@ def test_report_command_needs_at_least_one_existing_folder(tmp_path: Path) -> No
 
 
 # -- paired differences: evaluations that wrote outcomes.npz -----------------------------------------
-def chain_with_outcomes(
-    root: Path,
-    name: str,
-    method: str,
-    attack: str,
-    eps: float | str,
-    skill: float,
-    difficulty: dict[str, np.ndarray],
-    rng: np.random.Generator,
-    decay: float = 0.85,
-    outcomes: bool = True,
-    ids_from: int = 0,
-    optim: str = "adamw_lld",
-) -> Path:
-    """An evaluation whose outcomes.npz agrees with its results.json: an image is right when its shared
-    difficulty (plus a little noise of this model's own) is below ``skill``, so arms are correlated.
-    With an ``optim`` other than AdamW, a transfer run: its test split only."""
-    from advpt.outcomes import Outcomes, write_outcomes
-
-    if optim != "adamw_lld":
-        difficulty = {"builtin": difficulty["builtin"]}
-    right = {k: d + 0.1 * rng.standard_normal(len(d)) < skill for k, d in difficulty.items()}
-    subsets = [right[k].mean() for k in right if k.startswith("corruptions/")]
-    sets = {"builtin": (right["builtin"].mean(), 120)}
-    if subsets:
-        sets["corruptions"] = (sum(subsets) / len(subsets), 80)
-    robust = {"l2": {"0.5": (right["robust/l2/0.5"].mean(), 64)}} if "robust/l2/0.5" in right else None
-    ev = make_chain(root, name, method, attack, eps, sets, decay, optim=optim, robust=robust)
-    if outcomes:
-        per_key = {k: Outcomes(v, np.arange(ids_from, ids_from + len(v))) for k, v in right.items()}
-        write_outcomes(ev / "outcomes.npz", per_key, "auto|builtin|seed=0")
-    return ev
 
 
 def test_report_pairs_evaluations_that_share_outcomes_and_falls_back_for_the_others(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from safetensors.torch import save_file
 
 
@@ -209,7 +209,7 @@ def test_a_crafted_outcomes_file_is_read_as_absent_and_never_runs_its_code(tmp_p
 def test_study_over_a_folder_with_crafted_checkpoints_runs_none_of_them(tmp_path: Path) -> None:
     # A study folder from elsewhere whose pre-training arms stopped half-way: each arm resumes from a
     # crafted last.ckpt, is refused in its own process, and nothing downstream runs.
-    from tests.test_study import SMALL
+    from helpers import SMALL
 
     out, marker = tmp_path / "study", tmp_path / "marker"
     for arm in ("mae-none-s0", "mae-l2-0.5-s0"):

@@ -50,7 +50,7 @@ def test_every_parameter_of_every_method_is_sharded() -> None:
     """Blocks, then every network around them (a container around an encoder looked into): no
     parameter is left outside a group, where its gradient would never be reduced."""
     import torch.distributed as dist
-    from conftest import make_method
+    from helpers import make_method
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_line, run_cli
+from helpers import one_line, run_cli
 from PIL import Image
 
 from advpt.data.module import Transformed

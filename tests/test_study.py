@@ -9,19 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import SMALL, run_cli
 from hydra import compose, initialize_config_dir
 
 from advpt.config import CONF_DIR
 from advpt.study import Runner, evaluate_job, finetune_jobs, pretrain_jobs, run_study
-from tests.conftest import run_cli
-
-# One arm per attack, one layer decay, a scratch baseline, no transfer: the smallest real grid.
-SMALL = [
-    "experiment=smoke",
-    "experiment.pretrain.methods=[mae]",
-    "experiment.finetune.layer_decays=[0.65]",
-    "experiment.transfer.datasets=[]",
-]
 
 
 def study_config(*overrides: str):

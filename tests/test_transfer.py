@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import one_line, run_cli
+from helpers import one_line, run_cli
 from PIL import Image
 
 from advpt.data.sources import build_source, check_source, num_classes
@@ -221,6 +221,6 @@ def test_absent_dataset_from_a_shell(tmp_path: Path) -> None:
         text=True,
     )
     assert done.returncode == 2, done.stdout + done.stderr
-    assert done.stderr.count("\n") == 1, done.stderr
+    one_line(done.stderr)
     assert done.stderr.startswith("advpt finetune: error: sun397 is not under data.root=data"), done.stderr
     assert "data/SUN397/ClassName.txt" in done.stderr and list(tmp_path.iterdir()) == []

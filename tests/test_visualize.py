@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_line, run_cli
+from helpers import one_line, run_cli
 from PIL import Image
 
 from advpt.visualize import draw, patch_weight, resolve, title
