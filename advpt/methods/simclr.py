@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from advpt.errors import UserError
 from advpt.methods.base import PretrainMethod
 from advpt.methods.byol import mlp
 from advpt.methods.sizes import sized_for
@@ -93,10 +94,10 @@ class SimCLR(PretrainMethod):
         self.temperature = float(self.method_cfg["temperature"])
         self.attack_views = str(self.method_cfg.get("attack_views", "both"))
         if not self.temperature > 0:
-            raise ValueError(f"method.temperature={self.temperature} must be > 0")
+            raise UserError(f"method.temperature={self.temperature:g} is out of range: expected a number > 0")
         if self.attack_views not in ATTACK_VIEWS:
-            raise ValueError(
-                f"method.attack_views={self.attack_views} is not one of {', '.join(ATTACK_VIEWS)}"
+            raise UserError(
+                f"method.attack_views={self.attack_views} is invalid: choose one of {', '.join(ATTACK_VIEWS)}"
             )
 
     def project(self, x: Tensor) -> Tensor:

@@ -271,9 +271,13 @@ def test_rocl_perturbs_the_first_view_against_the_second_views_fixed_clean_proje
         assert (got - nt_xent(z1, real(view2), module.temperature)).abs().max() > 1e-4
 
 
-def test_a_bad_attack_views_is_refused() -> None:
-    with pytest.raises(ValueError, match="method.attack_views=all"):
+def test_a_bad_attack_views_or_temperature_is_refused() -> None:
+    from advpt.errors import UserError
+
+    with pytest.raises(UserError, match="method.attack_views=all is invalid: choose one of both, one"):
         make_method("simclr", attack_views="all")
+    with pytest.raises(UserError, match="method.temperature=0 is out of range"):
+        make_method("simclr", temperature=0.0)
 
 
 @pytest.mark.parametrize(
