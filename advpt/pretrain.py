@@ -85,20 +85,24 @@ def check(cfg: DictConfig, touch_data: bool = True) -> DictConfig:
         if str(cfg.get("init")).lower() in ("none", "null"):
             cfg.init = None
         if cfg.init is not None:
-            cfg.init = check_init(cfg.init, OmegaConf.to_container(cfg.model, resolve=True), cfg.method.name)
+            cfg.init = check_init(
+                cfg.init,
+                OmegaConf.to_container(cfg.model, resolve=True),
+                OmegaConf.to_container(cfg.method, resolve=True),
+            )
     return cfg
 
 
-def check_init(value: Any, model: Mapping[str, Any], method: str) -> str:
+def check_init(value: Any, model: Mapping[str, Any], method: Mapping[str, Any]) -> str:
     """``init=`` as a source (advpt.published), its encoder checked against the model and the rest by the
-    method (``check_init_parts``), shapes only; one line if they do not fit."""
+    method (``check_init_parts``, given the method's config), shapes only; one line if they do not fit."""
     from advpt.published import check_encoder, meta_vit, read_weights, resolve_source
 
     source = resolve_source(value, "init")
     weights = read_weights(source, "init", shapes_only=True)
     vit = meta_vit(model)
     check_encoder(weights.encoder, vit, model, "init", source)
-    METHODS[method].check_init_parts(weights, vit, model, source)
+    METHODS[str(method["name"])].check_init_parts(weights, vit, method, source)
     return source
 
 
@@ -111,7 +115,7 @@ def load_init(module: PretrainMethod, source: str, model: Mapping[str, Any]) -> 
     weights = read_weights(source, "init")
     vits = [m.vit for m in module.modules() if isinstance(m, Encoder)]
     notes = load_encoder(vits, weights.encoder, model, "init", source)
-    return [*notes, module.load_init_parts(weights, model, source)]
+    return [*notes, module.load_init_parts(weights, source)]
 
 
 def run(cfg: DictConfig) -> None:

@@ -3,8 +3,8 @@
 Each step is written as lightly's own examples and ImageNet benchmarks write it
 (``examples/pytorch/mae.py``, ``benchmarks/imagenet/vitb16/mae.py``,
 ``benchmarks/imagenet/resnet50/byol.py``), from lightly's building blocks, on the timm ViT that
-advpt builds from the same ``conf/model`` entry (img_size, patch_size, kwargs, ``mae_decoder``,
-``byol_mlp``), with the same AdamW over the trainable parameters. Where lightly leaves a part of
+advpt builds from the same ``conf/model`` entry (img_size, patch_size, kwargs), with the heads sized as
+advpt sizes them (``method.decoder``, ``method.heads`` at the encoder's width), with the same AdamW over the trainable parameters. Where lightly leaves a part of
 the step to the data pipeline or to an option, it is done here so both sides do the same work:
 
 - both normalise the batch with the ImageNet mean/std inside the step (lightly's transforms do it
@@ -27,6 +27,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from advpt.methods.sizes import sized_for
 from advpt.models import IMAGENET_MEAN, IMAGENET_STD, timm_kwargs
 
 INSTALL_HINT = (
@@ -66,13 +67,13 @@ def _compile_blocks(module: nn.Module) -> None:
 class LightlyMAE(nn.Module):
     """lightly's MAE (examples/pytorch/mae.py) with advpt's encoder and decoder sizes."""
 
-    def __init__(self, model: Mapping[str, Any]) -> None:
+    def __init__(self, model: Mapping[str, Any], method: Mapping[str, Any]) -> None:
         from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
         from lightly.models.modules.masked_vision_transformer_timm import init_weights
 
         super().__init__()
         vit = timm.create_model(model["name"], pretrained=False, **timm_kwargs(model))
-        dec = model["mae_decoder"]
+        dec = sized_for(method["decoder"], vit.embed_dim)
         self.mask_ratio = 0.75
         self.patch_size = vit.patch_embed.patch_size[0]
         self.backbone = MaskedVisionTransformerTIMM(vit=vit)
@@ -111,14 +112,14 @@ class LightlyMAE(nn.Module):
 class LightlyBYOL(nn.Module):
     """lightly's BYOL (benchmarks/imagenet/resnet50/byol.py) on the timm ViT with advpt's head sizes."""
 
-    def __init__(self, model: Mapping[str, Any]) -> None:
+    def __init__(self, model: Mapping[str, Any], method: Mapping[str, Any]) -> None:
         from lightly.loss import NegativeCosineSimilarity
         from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
         from lightly.models.utils import deactivate_requires_grad
 
         super().__init__()
         self.backbone = timm.create_model(model["name"], pretrained=False, **timm_kwargs(model))
-        heads = model["byol_mlp"]
+        heads = sized_for(method["heads"], self.backbone.embed_dim)
         self.projection_head = BYOLProjectionHead(self.backbone.embed_dim, heads["hidden"], heads["out"])
         self.prediction_head = BYOLPredictionHead(heads["out"], heads["hidden"], heads["out"])
         self.teacher_backbone = copy.deepcopy(self.backbone)
@@ -152,12 +153,18 @@ class LightlyBYOL(nn.Module):
 
 
 def make_peer_step(
-    method: str, model: Mapping[str, Any], device: torch.device, precision: str, compile: bool = False
+    method: str,
+    model: Mapping[str, Any],
+    method_cfg: Mapping[str, Any],
+    device: torch.device,
+    precision: str,
+    compile: bool = False,
 ) -> Callable[[Any], None] | None:
-    """One nominal lightly training step on advpt's batch layout, or None if lightly has no such method here."""
+    """One nominal lightly training step on advpt's batch layout, or None if lightly has no such method here
+    (``method_cfg``: advpt's config of the method, for its heads' sizes)."""
     if method not in ("mae", "byol"):
         return None
-    net = (LightlyMAE if method == "mae" else LightlyBYOL)(model).to(device).train()
+    net = (LightlyMAE if method == "mae" else LightlyBYOL)(model, method_cfg).to(device).train()
     if compile:
         _compile_blocks(net)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)

@@ -109,10 +109,21 @@ def make_step(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if method == "byol":
+        if hasattr(module, "update_target"):  # a momentum teacher follows the online networks every step
             module.update_target(0.99)
 
     return step
+
+
+def method_views(method: str, batch_size: int, size: int, device: torch.device) -> list[torch.Tensor]:
+    """A batch of the views the method trains on (as many, and as large, as its augmentation makes), each
+    made by its own augmentation from random images."""
+    from advpt.data.transforms import pretrain_views
+
+    augment = pretrain_views(load("method", method)["views"], size)
+    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
+    per_image = [augment(image) for image in images]
+    return [torch.stack(views).to(device) for views in zip(*per_image, strict=True)]
 
 
 def timed(step, batch, device: torch.device, clock=time.perf_counter) -> float:
@@ -183,18 +194,19 @@ def main() -> None:
     for batch_size in args.batches or [args.batch]:
         for method in args.methods:
             torch.manual_seed(0)
-            views = [
-                torch.rand(batch_size, 3, size, size, device=device)
-                for _ in range(2 if method == "byol" else 1)
-            ]
-            batch = (views, torch.randint(0, 10, (batch_size,), device=device))
+            batch = (
+                method_views(method, batch_size, size, device),
+                torch.randint(0, 10, (batch_size,), device=device),
+            )
             steps = {
                 "nominal": make_step(method, model, None, device, args.precision, args.compile),
                 "adv": make_step(method, model, attack, device, args.precision, args.compile),
             }
             torch.manual_seed(0)
             lightly_step = (
-                peer.make_peer_step(method, model, device, args.precision, args.compile)
+                peer.make_peer_step(
+                    method, model, load("method", method), device, args.precision, args.compile
+                )
                 if with_peer
                 else None
             )

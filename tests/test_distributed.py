@@ -597,7 +597,7 @@ def test_compiled_blocks_in_bf16_train_under_the_attack(tmp_path: Path, monkeypa
     spec = json.loads((run / "encoder.json").read_text())
     vit = timm.create_model(spec["name"], **spec["kwargs"])
     vit.load_state_dict(load_file(str(run / "encoder.safetensors")))  # compiled in place: same names
-    decoder_depth = load("model", "vit_micro")["mae_decoder"]["depth"]
+    decoder_depth = load("method", "mae")["decoder"]["32"]["depth"]  # vit_micro is 32 wide
     assert compiled == [Block] * (len(vit.blocks) + decoder_depth), compiled
     assert counters["stats"]["unique_graphs"] > 0, dict(counters["stats"])
     # ...and trained under the attack: finite losses, a perturbation of non-zero norm at every step.

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import mae_2d_sincos, make_method
+from helpers import load, mae_2d_sincos, make_method
 from safetensors.torch import load_file
 from torch import nn
 
@@ -29,7 +29,9 @@ def test_mae_encoder_and_decoder_positions_are_fixed_sincos(micro) -> None:
     pos = module.encoder.vit.pos_embed
     torch.testing.assert_close(pos.detach(), expected)
     assert not pos.requires_grad
-    torch.testing.assert_close(module.decoder.pos_embed, mae_2d_sincos(micro["mae_decoder"]["dim"], grid))
+    torch.testing.assert_close(
+        module.decoder.pos_embed, mae_2d_sincos(load("method", "mae")["decoder"]["32"]["dim"], grid)
+    )
     # A training step moves the weights but not the positions.
     opt = create_optimizer_v2(module, opt="adamw", lr=1e-2, weight_decay=0.05)
     assert all(p is not pos for g in opt.param_groups for p in g["params"])

@@ -176,7 +176,7 @@ def test_another_image_size_resamples_only_the_position_embedding(tmp_path: Path
 def test_adversarial_mae_continues_the_release_encoder_and_decoder(tmp_path: Path) -> None:
     path, mae = release(tmp_path / "mae_visualize.pth", MICRO)
     model = load("model", "vit_micro")
-    source = check_init(path, model, "mae")
+    source = check_init(path, model, load("method", "mae"))
     module = make_method("mae").eval()
     assert load_init(module, source, model) == [f"loaded the encoder and the MAE decoder of init={path}"]
 
@@ -195,7 +195,7 @@ def test_init_loads_every_copy_of_the_encoder_and_says_when_the_decoder_starts_f
     expected = advpt_names(mae.state_dict()).encoder
     for name, copies in (("byol", ["encoder", "target.encoder"]), ("supervised", ["encoder", "ema.module"])):
         module = make_method(name)
-        assert load_init(module, check_init(path, model, name), model) == [
+        assert load_init(module, check_init(path, model, load("method", name)), model) == [
             f"loaded the encoder of init={path}"
         ]
         for copy in copies:
@@ -268,8 +268,9 @@ def files(tmp_path: Path) -> Path:
         ),
         (
             ["pretrain", "init=FILES/wide_decoder.pth", "model=vit_micro"],
-            "has an MAE decoder that does not fit model.mae_decoder={'dim': 32, 'depth': 1, 'heads': 2, "
-            "'mlp_dim': 64}: its mask_token has shape [1, 1, 64], the model's [1, 1, 32]",
+            "has an MAE decoder that does not fit method.decoder's at width 32 ({'dim': 32, 'depth': 1, "
+            "'heads': 2, 'mlp_dim': 64}): its mask_token has shape [1, 1, 64], the model's [1, 1, 32]; "
+            "set method.decoder.32.* to the one it was made with",
         ),
         (["pretrain", "init=FILES", "model=vit_micro"], "is not an MAE release .pth, timm:NAME"),
     ],
@@ -289,7 +290,9 @@ def test_what_does_not_fit_is_one_line_exit_2_and_writes_nothing(
 
 def test_the_wide_decoder_is_no_concern_of_methods_without_one(files: Path) -> None:
     model = load("model", "vit_micro")
-    assert check_init(files / "wide_decoder.pth", model, "byol") == str(files / "wide_decoder.pth")
+    assert check_init(files / "wide_decoder.pth", model, load("method", "byol")) == str(
+        files / "wide_decoder.pth"
+    )
 
 
 # -- timm:NAME, from a local Hugging Face cache ---------------------------------------------------------

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from advpt.config import compose
 from advpt.data.transforms import pretrain_views
 from advpt.methods.byol import cosine_momentum
+from advpt.methods.sizes import sized_for
 from advpt.training.schedule import warmup_cosine
 
 VIT_B = {"name": "vit_base_patch16_224", "img_size": 224, "patch_size": 16, "kwargs": {}}
@@ -85,8 +86,14 @@ def test_paper_pretraining_recipe_is_exact(name: str) -> None:
     assert cfg["trainer"]["max_epochs"] == epochs and cfg["trainer"]["max_steps"] == -1
     assert cfg["data"]["batch_size"] == 4096
     assert {k: cfg["model"][k] for k in VIT_B} == VIT_B
-    assert cfg["model"]["mae_decoder"] == {"dim": 512, "depth": 8, "heads": 16, "mlp_dim": 2048}
-    assert cfg["model"]["byol_mlp"] == {"hidden": 4096, "out": 256}
+    # the heads at ViT-B's width: MAE's decoder (He et al., App. A.1) and BYOL's MLPs (Grill et al.)
+    heads = {
+        "mae": ("decoder", {"dim": 512, "depth": 8, "heads": 16, "mlp_dim": 2048}),
+        "byol": ("heads", {"hidden": 4096, "out": 256}),
+    }
+    if name in heads:
+        key, paper = heads[name]
+        assert sized_for(cfg["method"].pop(key), 768) == paper
     method = {k: v for k, v in cfg["method"].items() if k != "name"}
     assert method == expected
     assert cfg["attack"]["steps"] == 2 and cfg["attack"]["step_size"] is None  # PGD-2, alpha = 5 eps / 8

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block
 from timm.optim import create_optimizer_v2
 from torch import Tensor
 
-from advpt.attacks import Attack, LossFn, frozen, pgd
+from advpt.attacks import Attack, Inputs, LossFn, frozen, pgd
 from advpt.data.module import seed_batch
 from advpt.files import atomic_path, write_json
 from advpt.models import Encoder, buffered_drop_path
@@ -90,25 +90,46 @@ class PretrainMethod(L.LightningModule):
             broadcast_batch_norm_statistics(self)
 
     # -- the attack -------------------------------------------------------------------------
-    def attacked(self, loss_fn: LossFn, x: Tensor, support: Tensor | None = None) -> Tensor:
-        """Return the input to train on: ``x`` itself (nominal) or ``x + PGD(loss_fn)``."""
+    def attacked(
+        self,
+        loss_fn: LossFn,
+        x: Inputs,
+        support: Tensor | tuple[Tensor | None, ...] | None = None,
+        coupled: bool = False,
+    ) -> Inputs:
+        """Return the input to train on: ``x`` itself (nominal) or ``x + PGD(loss_fn)``.
+
+        ``x`` may be a tuple of inputs of different shapes (a method's views or crops), each in its own
+        ball; ``coupled``: the loss couples the batch (contrastive negatives), see :func:`advpt.attacks.pgd`.
+        """
         if self.attack is None:
             return x
         with gathered(self) if self.sharded else contextlib.nullcontext():
-            return self._attacked(loss_fn, x, support)
+            return self._attacked(loss_fn, x, support, coupled)
 
-    def _attacked(self, loss_fn: LossFn, x: Tensor, support: Tensor | None) -> Tensor:
+    def _attacked(
+        self,
+        loss_fn: LossFn,
+        x: Inputs,
+        support: Tensor | tuple[Tensor | None, ...] | None,
+        coupled: bool,
+    ) -> Inputs:
         assert self.attack is not None
-        delta = pgd(loss_fn, x, self.attack, model=self, support=support)
-        self._example = (x[:8].detach(), delta[:8].detach())  # for the adversarial-example figure
-        self.log("train/delta_norm", self.attack.threat.norm(delta.float()).mean(), batch_size=x.shape[0])
+        delta = pgd(loss_fn, x, self.attack, model=self, support=support, coupled=coupled)
+        inputs, deltas = (x, delta) if isinstance(x, tuple) else ((x,), (delta,))
+        n = inputs[0].shape[0]
+        # the adversarial-example figure and the logged norm: the first input (a tuple's first view)
+        self._example = (inputs[0][:8].detach(), deltas[0][:8].detach())
+        self.log("train/delta_norm", self.attack.threat.norm(deltas[0].float()).mean(), batch_size=n)
+        attacked = tuple(i + d for i, d in zip(inputs, deltas, strict=True))
+        adversarial = attacked if isinstance(x, tuple) else attacked[0]
         if self._logging_step():
             # Diagnostic, on logging steps only: the attack's loss at the clean and at the attacked
             # input, both in the attack's (eval) mode so they compare even with batch norm (BYOL).
             with torch.no_grad(), frozen(self):
-                self.log("train/loss_clean", self.reduce(loss_fn(x)), batch_size=x.shape[0])
-                self.log("train/loss_attacked", self.reduce(loss_fn(x + delta)), batch_size=x.shape[0])
-        return x + delta
+                self.log("train/loss_clean", self.reduce(loss_fn(x)), batch_size=n)
+                self.log("train/loss_attacked", self.reduce(loss_fn(adversarial)), batch_size=n)
+        return adversarial
 
     def example_images(self) -> dict[str, Tensor]:
         """Figures for image loggers, each [N, 3, H, W'] in [0, 1]: here clean | attacked | perturbation.
@@ -165,13 +186,14 @@ class PretrainMethod(L.LightningModule):
     # -- init= ------------------------------------------------------------------------------
     @classmethod
     def check_init_parts(
-        cls, weights: Weights, vit: nn.Module, model: Mapping[str, Any], source: str
+        cls, weights: Weights, vit: nn.Module, method: Mapping[str, Any], source: str
     ) -> None:
         """One line (a ``UserError``) if what ``init=`` holds for this method's own networks, beyond the
         encoder (checked already against ``vit``, ``model=``'s ViT on the meta device), does not fit
-        them; shapes only. A method that takes the encoder alone has nothing to check."""
+        them as ``method`` (its config) sizes them; shapes only. A method that takes the encoder alone
+        has nothing to check."""
 
-    def load_init_parts(self, weights: Weights, model: Mapping[str, Any], source: str) -> str:
+    def load_init_parts(self, weights: Weights, source: str) -> str:
         """Load what ``init=`` holds for this method's own networks (its encoders are loaded already);
         returns the line that says what was loaded."""
         from advpt.published import shown_source

@@ -10,10 +10,11 @@ from torch import Tensor, nn
 
 from advpt.methods.base import PretrainMethod
 from advpt.methods.momentum import MomentumTeacher, cosine_momentum
+from advpt.methods.sizes import sized_for
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """BYOL's projector / predictor: Linear-BN-ReLU-Linear (sizes: ``model.byol_mlp``)."""
+    """BYOL's projector / predictor: Linear-BN-ReLU-Linear (sizes: ``method.heads``)."""
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim),
         nn.BatchNorm1d(hidden_dim),
@@ -30,7 +31,7 @@ def byol_loss(prediction: Tensor, target_projection: Tensor) -> Tensor:
 class BYOL(PretrainMethod):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        heads = self.hparams.model["byol_mlp"]
+        heads = sized_for(self.method_cfg["heads"], self.encoder.dim)
         self.projector = mlp(self.encoder.dim, heads["hidden"], heads["out"])
         self.predictor = mlp(heads["out"], heads["hidden"], heads["out"])
         # Target network: EMA of encoder + projector, never trained by gradient.

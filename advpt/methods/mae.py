@@ -19,6 +19,7 @@ from advpt.methods.mae_parts import (
     random_visible,
     unpatchify,
 )
+from advpt.methods.sizes import sized_for
 
 if TYPE_CHECKING:
     from advpt.published import Weights
@@ -49,7 +50,7 @@ class MAE(PretrainMethod):
         # supervised keep timm's ViT init and learned positions, as MAE's from-scratch baseline does.
         mae_initialize(self.encoder.vit)
         self.decoder = MAEDecoder.for_encoder(
-            self.hparams.model["mae_decoder"],
+            sized_for(self.method_cfg["decoder"], self.encoder.dim),
             self.encoder.dim,
             self.encoder.grid_size,
             self.encoder.patch_size,
@@ -59,23 +60,25 @@ class MAE(PretrainMethod):
 
     @classmethod
     def check_init_parts(
-        cls, weights: Weights, vit: nn.Module, model: Mapping[str, Any], source: str
+        cls, weights: Weights, vit: nn.Module, method: Mapping[str, Any], source: str
     ) -> None:
-        """A source's decoder, where it has one, must fit ``model.mae_decoder``."""
+        """A source's decoder, where it has one, must fit ``method.decoder``'s at the encoder's width."""
         if weights.decoder:
             grid, patch = tuple(vit.patch_embed.grid_size), vit.patch_embed.patch_size[0]
+            sizes = sized_for(method["decoder"], vit.embed_dim)
             with torch.device("meta"):
-                decoder = MAEDecoder.for_encoder(model["mae_decoder"], vit.embed_dim, grid, patch)
-            check_decoder(weights.decoder, decoder, model, source)
+                decoder = MAEDecoder.for_encoder(sizes, vit.embed_dim, grid, patch)
+            check_decoder(weights.decoder, decoder, sizes, vit.embed_dim, source)
 
-    def load_init_parts(self, weights: Weights, model: Mapping[str, Any], source: str) -> str:
+    def load_init_parts(self, weights: Weights, source: str) -> str:
         """The source's decoder where it has one; else the decoder starts fresh."""
         from advpt.published import shown_source
 
         shown = shown_source(source)
         if not weights.decoder:
             return f"loaded the encoder of init={shown}; it has no MAE decoder: the decoder starts fresh"
-        check_decoder(weights.decoder, self.decoder, model, source)
+        sizes = sized_for(self.method_cfg["decoder"], self.encoder.dim)
+        check_decoder(weights.decoder, self.decoder, sizes, self.encoder.dim, source)
         self.decoder.load_state_dict(dict(weights.decoder))
         return f"loaded the encoder and the MAE decoder of init={shown}"
 

@@ -141,7 +141,7 @@ class MAEDecoder(nn.Module):
     def for_encoder(
         cls, sizes: Mapping[str, Any], encoder_dim: int, grid: tuple[int, int], patch_size: int
     ) -> MAEDecoder:
-        """The decoder of ``model.mae_decoder`` (``sizes``: dim, depth, heads, mlp_dim) for an encoder."""
+        """The decoder of ``sizes`` (dim, depth, heads, mlp_dim: ``method.decoder``'s) for an encoder."""
         return cls(
             encoder_dim,
             grid,
@@ -164,12 +164,13 @@ class MAEDecoder(nn.Module):
 
 
 def check_decoder(
-    weights: Mapping[str, Tensor], decoder: nn.Module, model: Mapping[str, Any], source: str
+    weights: Mapping[str, Tensor], decoder: nn.Module, sizes: Mapping[str, Any], width: int, source: str
 ) -> None:
-    """One line if ``init=``'s MAE decoder (advpt's names) does not fit ``decoder`` (``model.mae_decoder``'s)."""
+    """One line if ``init=``'s MAE decoder (advpt's names) does not fit ``decoder``: ``sizes``, what
+    ``method.decoder`` gives an encoder ``width`` wide."""
     problem = first_difference(weights, decoder.state_dict())
     if problem:
         raise UserError(
-            f"init={shown_source(source)} has an MAE decoder that does not fit model.mae_decoder="
-            f"{dict(model['mae_decoder'])}: {problem}; set model.mae_decoder.* to the one it was made with"
+            f"init={shown_source(source)} has an MAE decoder that does not fit method.decoder's at width "
+            f"{width} ({dict(sizes)}): {problem}; set method.decoder.{width}.* to the one it was made with"
         )

@@ -21,7 +21,7 @@ from typing import Any
 from advpt.errors import UserError
 from advpt.files import write_text
 from advpt.report.aggregate import headline_rows
-from advpt.report.claims import claim_rows, claims_table, judge
+from advpt.report.claims import claim_rows, claims_table, judge, premise_by_set
 from advpt.report.collect import collect, knn_curves, knn_results
 from advpt.report.convergence import convergence as fine_tuning_runs
 from advpt.report.sections import SECTIONS, Evidence, Section, table1_markdown
@@ -90,6 +90,9 @@ def build_report(
     evidence = Evidence(rows, headline, paper_values() if paper else None, curves, runs, encoders)
     claims = judge(rows, headline) if headline else []
     md = ["# advpt report", "", "## The paper's claims", "", *claims_table(claims)]
+    by_set = premise_by_set(headline) if claims else []
+    if by_set:
+        md += ["", *by_set]
     if runs:
         flagged = [r for r in runs if r["flagged"]]
         md += [

@@ -131,6 +131,30 @@ def premise(headline: Sequence[Row]) -> Claim | None:
     )
 
 
+def premise_by_set(headline: Sequence[Row]) -> list[str]:
+    """Beside the premise, not judged: each method's nominal arm − scratch on each test set on its own (the
+    clean test split, each shift), so a reader sees where the average's difference comes from."""
+    everything = agg.best_decay(headline)
+    scratch = next((k for k in everything if k[0] == SCRATCH), None)
+    if scratch is None:
+        return []
+    base = everything[scratch][2]
+    shared = [n for n in base[0]["sets"] if "/" not in n and all(n in r["sets"] for r in base)]
+    if len(shared) < 2:  # one set: the average is that set
+        return []
+    lines = []
+    for key in sorted((k for k in everything if k[1] == "none" and k[0] != SCRATCH), key=agg.order):
+        arm = everything[key][2]
+        sets = [n for n in shared if all(n in r["sets"] for r in arm)]
+        found = [f"{n} {compare(arm, base, ('set', n)).stated()}" for n in sets]
+        lines.append(f"- {_label(key)} − {SCRATCH_LABEL}: " + "; ".join(found))
+    return [
+        "The premise on each test set alone (points, 95 % interval; the verdict above is the average's):",
+        "",
+        *lines,
+    ]
+
+
 def premise_holds(claim: Claim | None) -> set[str] | None:
     """The methods whose nominal pre-training beats scratch significantly (``None``: no scratch arm to
     judge the premise by, so no method is set aside)."""
