@@ -69,6 +69,37 @@ METHOD_TABLE: dict[str, Method] = {
         networks=("class head", "weight EMA"),
         cost=1.0,
     ),
+    "dino": Method(
+        "advpt.methods.dino.DINO",
+        label="DINO",
+        colour="tab:purple",
+        order=4,
+        # two global crops (BYOL's views, as DINO's DataAugmentationDINO) + views.counts.dino_local local crops
+        views=("byol_blur", "byol_solarize", "dino_local"),
+        crop_scale=(0.4, 1.0),  # the global crops' (main_dino.py); the local ones take (0.05, 0.4)
+        networks=("DINO head", "EMA teacher (encoder + head)", "centre"),
+        cost=1.7,  # BYOL's two attacked views and teacher pass, plus the clean local crops in the update
+    ),
+    "mocov3": Method(
+        "advpt.methods.mocov3.MoCoV3",
+        label="MoCo v3",
+        colour="tab:brown",
+        order=5,
+        views=("byol_blur", "byol_solarize"),  # MoCo v3 takes BYOL's two asymmetric views (main_moco.py)
+        crop_scale=(0.08, 1.0),
+        networks=("projector", "predictor", "momentum encoder (encoder + projector)"),
+        cost=1.5,  # two networks (online and momentum) see every view, as BYOL's
+    ),
+    "simclr": Method(
+        "advpt.methods.simclr.SimCLR",
+        label="SimCLR",
+        colour="tab:pink",
+        order=6,
+        views=("simclr", "simclr"),
+        crop_scale=(0.08, 1.0),
+        networks=("projector",),
+        cost=1.4,  # both views through one network, as BYOL's online one, with no target pass
+    ),
 }
 """Every pre-training method (``method=NAME``, ``conf/method/NAME.yaml``), in the order messages list them."""
 

@@ -168,8 +168,37 @@ class Encoder(nn.Module):
         return x * self.std.to(x.dtype) + self.mean.to(x.dtype)
 
     def features(self, x: Tensor) -> Tensor:
-        """Pooled representation: mean of the final patch tokens, then ``fc_norm``."""
+        """Pooled representation: mean of the final patch tokens, then ``fc_norm``.
+
+        An input of another side than the model's (DINO's local crops) reads the position embedding
+        resampled to its grid (:meth:`resized_tokens`); at the model's own side this is timm's forward.
+        """
+        if tuple(x.shape[-2:]) != tuple(self.vit.patch_embed.img_size):
+            return self.vit.forward_head(self.resized_tokens(self.normalize(x)), pre_logits=True)
         return self.vit.forward_head(self.vit.forward_features(self.normalize(x)), pre_logits=True)
+
+    def resized_tokens(self, x: Tensor) -> Tensor:
+        """timm's ``forward_features`` for a normalised input of any side that is a multiple of the patch:
+        the position embedding resampled (bicubic) to its grid, as timm's ``dynamic_img_size`` does and
+        DINO's multi-crop needs (Caron et al. 2021, Sec. 4), without changing the model's own kwargs."""
+        from timm.layers import resample_abs_pos_embed
+
+        vit, embed = self.vit, self.vit.patch_embed
+        grid = embed.proj(x)  # [B, D, h, w]
+        tokens = embed.norm(grid.flatten(2).transpose(1, 2))
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        pos = resample_abs_pos_embed(
+            vit.pos_embed,
+            new_size=list(grid.shape[-2:]),
+            old_size=list(embed.grid_size),
+            num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens,
+        )
+        if vit.no_embed_class:
+            tokens = torch.cat([*prefix, tokens + pos], dim=1)
+        else:
+            tokens = torch.cat([*prefix, tokens], dim=1) + pos
+        tokens = vit.norm_pre(vit.patch_drop(vit.pos_drop(tokens)))
+        return vit.norm(vit.blocks(tokens))
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the timm head (identity when built with ``num_classes=0``)."""

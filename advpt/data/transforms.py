@@ -55,6 +55,41 @@ def byol_view(
     )
 
 
+def simclr_view(size: int, scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
+    """SimCLR's view, the same for both (Chen et al. 2020, App. A): crop + flip, colour distortion of
+    strength 1 (jitter 0.8, 0.8, 0.8, 0.2 with p 0.8, grey with p 0.2), Gaussian blur with p 0.5."""
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the image side, odd
+    return T.Compose(
+        [
+            T.ToImage(),
+            T.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToDtype(torch.float32, scale=True),
+            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+        ]
+    )
+
+
+def dino_local(size: int, scale: tuple[float, float]) -> T.Compose:
+    """One of DINO's local crops (Caron et al. 2021; main_dino.py's DataAugmentationDINO): 96/224 of the global
+    side, rounded to a multiple of 8 (96 px at 224, 16 at 32, 8 at 16), crop scale from 0.05 up to the global
+    crops' lower bound ((0.05, 0.4) against (0.4, 1)), the global crops' flip and colour jitter, blur p 0.5."""
+    local_size = max(8, round(size * 96 / 224 / 8) * 8)
+    return byol_view(local_size, blur_p=0.5, solarize_p=0.0, scale=(0.05, scale[0]))
+
+
+class Stacked:
+    """``count`` draws of one transform on the same image, stacked: [count, C, H, W] (DINO's local crops)."""
+
+    def __init__(self, transform: Callable, count: int) -> None:
+        self.transform, self.count = transform, count
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return torch.stack([self.transform(image) for _ in range(self.count)])
+
+
 def with_safe_posterize(transform: Any) -> Any:
     """timm's RandAugment / AutoAugment (possibly inside a Compose) with a posterize that also works at the
     top magnitude: keeping 0 bits is black (Pillow >= 11 refuses bits=0). Returns ``transform``."""
@@ -92,6 +127,8 @@ VIEWS: dict[str, Callable[[int, tuple[float, float], str | None], Callable]] = {
     "crop_flip_randaugment": crop_flip,  # RandAugment where the config names one
     "byol_blur": lambda size, scale, _: byol_view(size, 1.0, 0.0, scale),
     "byol_solarize": lambda size, scale, _: byol_view(size, 0.1, 0.2, scale),
+    "dino_local": lambda size, scale, _: dino_local(size, scale),  # drawn views.counts.dino_local times
+    "simclr": lambda size, scale, _: simclr_view(size, scale),
 }
 
 
@@ -105,7 +142,10 @@ def pretrain_views(views: str | Mapping[str, Any], size: int) -> Views:
     if method is None:
         raise ValueError(f"unknown augmentation {kind!r}")
     scale = tuple(float(v) for v in spec.get("crop_scale") or method.crop_scale)
-    return Views([VIEWS[view](size, scale, spec.get("auto_augment")) for view in method.views])
+    # views.counts: a view drawn that many times per image, stacked into one tensor (0: left out)
+    counts = {str(k): int(v) for k, v in (spec.get("counts") or {}).items()}
+    made = [(VIEWS[view](size, scale, spec.get("auto_augment")), counts.get(view)) for view in method.views]
+    return Views([t if count is None else Stacked(t, count) for t, count in made if count != 0])
 
 
 def eval_transform(size: int) -> T.Compose:
