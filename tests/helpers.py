@@ -56,8 +56,14 @@ L2 = {"norm": "l2", "eps": 1.0, "steps": 3}
 
 
 def batch_for(name: str, n: int = 8, size: int = 16):
-    views = [torch.rand(n, 3, size, size) for _ in range(2 if name == "byol" else 1)]
-    return views, torch.randint(0, 10, (n,))
+    """A batch of ``n`` random images as method ``name`` trains on them: its views (as many, and as large,
+    as its augmentation makes), each drawn by its own augmentation, and labels."""
+    from advpt.data.transforms import pretrain_views
+
+    augment = pretrain_views(load("method", name)["views"], size)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    per_image = [augment(image) for image in images]
+    return [torch.stack(views) for views in zip(*per_image, strict=True)], torch.randint(0, 10, (n,))
 
 
 def mae_2d_sincos(embed_dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:

@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers import one_line, run_cli
 
+from advpt.method_table import METHOD_TABLE
+
 FAST = [
     "model=vit_micro",
     "trainer.max_steps=1",
@@ -20,7 +22,7 @@ FAST = [
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["method=foo"], "unknown method option 'foo'; choose one of: byol, mae, rotnet, supervised"),
+        (["method=foo"], "unknown method option 'foo'; choose one of: " + ", ".join(sorted(METHOD_TABLE))),
         (["attack=l3"], "unknown attack option 'l3'"),
         (["foo=1"], "unknown key 'foo'"),
         (["trainer.not_an_argument=1"], "unknown key 'trainer.not_an_argument'"),
@@ -278,7 +280,7 @@ def test_cfg_job_prints_the_composed_config(capsys) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attack", ["none", "linf", "l2"])
-@pytest.mark.parametrize("method", ["mae", "byol", "rotnet", "supervised"])
+@pytest.mark.parametrize("method", list(METHOD_TABLE))
 def test_one_step_run_writes_its_outputs(method: str, attack: str, tmp_path: Path) -> None:
     import csv
 

@@ -125,7 +125,7 @@ def test_a_method_needs_its_table_entry_and_its_config(toy: str, monkeypatch, ca
         assert compose("pretrain", ["method=toy", f"recipe={recipe}", toy]).method.name == "toy"
     monkeypatch.delitem(METHOD_TABLE, "toy")  # a config without its table entry is refused
     assert run_cli(["pretrain", "method=toy", *RUN, toy]) == 2
-    one_line(capsys.readouterr().err, "pretrain", "unknown method 'toy'", "mae, byol, rotnet, supervised")
+    one_line(capsys.readouterr().err, "pretrain", "unknown method 'toy'", ", ".join(METHOD_TABLE))
 
 
 def test_advpt_pretrain_trains_toy_nominally_and_adversarially(toy_runs: dict[str, Path]) -> None:

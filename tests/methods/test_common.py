@@ -12,10 +12,11 @@ import torch
 from helpers import batch_for, make_method
 from torch.utils.data import DataLoader
 
+from advpt.method_table import METHOD_TABLE
 from advpt.training.schedule import soft_cross_entropy
 
 
-@pytest.mark.parametrize("name", ["mae", "byol", "rotnet", "supervised"])
+@pytest.mark.parametrize("name", list(METHOD_TABLE))
 def test_attacked_loss_exceeds_clean_loss(name: str, record_pgd) -> None:
     module = make_method(name, attack={"norm": "linf", "eps": 8 / 255, "steps": 3}, mixup=0.0, cutmix=0.0)
     module.train()
@@ -25,11 +26,15 @@ def test_attacked_loss_exceeds_clean_loss(name: str, record_pgd) -> None:
     module.eval()
     with torch.no_grad():
         clean = call["loss_fn"](call["x"]).mean()
-        attacked = call["loss_fn"](call["x"] + call["delta"]).mean()
+        x, delta = call["x"], call["delta"]  # a tuple of views is perturbed view by view
+        adversarial = (
+            tuple(v + d for v, d in zip(x, delta, strict=True)) if isinstance(x, tuple) else x + delta
+        )
+        attacked = call["loss_fn"](adversarial).mean()
     assert attacked > clean
 
 
-@pytest.mark.parametrize("name", ["mae", "byol", "rotnet", "supervised"])
+@pytest.mark.parametrize("name", list(METHOD_TABLE))
 def test_nominal_step_trains_every_online_parameter(name: str) -> None:
     module = make_method(name)
     loss = module.training_step(batch_for(name), 0)
