@@ -147,6 +147,17 @@ RANGES: dict[str, dict[str, Range]] = {
         "method.mixup": NON_NEGATIVE,
         "method.cutmix": NON_NEGATIVE,
         "method.views.crop_scale": Range(0, 1, low_open=True, each=True),
+        # DINO, MoCo v3, SimCLR
+        "method.views.counts.dino_local": Range(0, integer=True),
+        "method.weight_decay_end": NON_NEGATIVE,
+        "method.student_temperature": POSITIVE,
+        "method.warmup_teacher_temperature": POSITIVE,
+        "method.teacher_temperature": POSITIVE,
+        "method.teacher_temperature_warmup_fraction": FRACTION,
+        "method.center_momentum": FRACTION,
+        "method.freeze_last_layer_fraction": FRACTION,
+        "method.clip_grad": Range(0, low_open=True, special=(None,)),
+        "method.temperature": POSITIVE,
         # monitor=knn (advpt.training.monitor)
         "monitor.every_n_epochs": COUNT,
         "monitor.bank_size": OPTIONAL_COUNT,
