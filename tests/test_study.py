@@ -121,7 +121,7 @@ def test_a_finished_study_ends_naming_its_report(tmp_path: Path, monkeypatch, ca
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["experiment.pretrain.methods=[simclr]"], "unknown method 'simclr'"),
+        (["experiment.pretrain.methods=[swav]"], "unknown method 'swav'"),
         (["seeds=0"], "seeds=0 is invalid"),
         (["workers=0"], "workers=0 is invalid"),
         (["experiment=paper_fig1"], "pass data_root=PATH"),
