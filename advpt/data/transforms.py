@@ -36,40 +36,40 @@ def crop_flip(size: int, scale: tuple[float, float], auto_augment: str | None = 
     return T.Compose([*ops, T.ToDtype(torch.float32, scale=True)])
 
 
+def distorted_view(
+    size: int,
+    scale: tuple[float, float],
+    jitter: tuple[float, float, float, float],
+    blur_p: float,
+    solarize_p: float = 0.0,
+) -> T.Compose:
+    """Crop + flip, then colour jitter (p 0.8), grey (p 0.2), Gaussian blur and solarisation: the view
+    family of BYOL, SimCLR, MoCo v3 and DINO, which differ only in the jitter and the two probabilities."""
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the image side, odd
+    ops: list[Any] = [
+        T.ToImage(),
+        T.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ToDtype(torch.float32, scale=True),
+        T.RandomApply([T.ColorJitter(*jitter)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
+        T.RandomSolarize(0.5, p=solarize_p),  # drawn at p 0 too: each view's random stream as BYOL's
+    ]
+    return T.Compose(ops)
+
+
 def byol_view(
     size: int, blur_p: float, solarize_p: float, scale: tuple[float, float] = (0.08, 1.0)
 ) -> T.Compose:
     """One of BYOL's two asymmetric views (Grill et al. 2020, Table 6)."""
-    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the image side, odd
-    return T.Compose(
-        [
-            T.ToImage(),
-            T.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
-            T.RandomHorizontalFlip(),
-            T.ToDtype(torch.float32, scale=True),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
-            T.RandomSolarize(0.5, p=solarize_p),
-        ]
-    )
+    return distorted_view(size, scale, (0.4, 0.4, 0.2, 0.1), blur_p, solarize_p)
 
 
 def simclr_view(size: int, scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
-    """SimCLR's view, the same for both (Chen et al. 2020, App. A): crop + flip, colour distortion of
-    strength 1 (jitter 0.8, 0.8, 0.8, 0.2 with p 0.8, grey with p 0.2), Gaussian blur with p 0.5."""
-    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the image side, odd
-    return T.Compose(
-        [
-            T.ToImage(),
-            T.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
-            T.RandomHorizontalFlip(),
-            T.ToDtype(torch.float32, scale=True),
-            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
-        ]
-    )
+    """SimCLR's view, the same for both (Chen et al. 2020, App. A): colour distortion of strength 1
+    (jitter 0.8, 0.8, 0.8, 0.2), Gaussian blur with p 0.5, no solarisation."""
+    return distorted_view(size, scale, (0.8, 0.8, 0.8, 0.2), blur_p=0.5)
 
 
 def dino_local(size: int, scale: tuple[float, float]) -> T.Compose:
