@@ -82,11 +82,17 @@ SHARDED = [m for m in METHOD_TABLE if m != "rotnet"]
 
 
 def sweep(methods: str, placement: list[str], folder: Path) -> Path:
-    """``advpt pretrain -m method=METHODS`` on two processes, as a user types it; the sweep folder."""
-    done = advpt(
-        ["pretrain", "-m", f"method={methods}", *SWEEP, f"hydra.sweep.dir={folder / 'sweep'}", *placement],
-        cwd=folder,
-    )
+    """``advpt pretrain -m method=METHODS`` on two processes, as a user types it; the sweep folder.
+
+    A sweep that does not end in time fails with what it printed and the jobs it finished, so a job that
+    hangs is named in the failure."""
+    args = ["pretrain", "-m", f"method={methods}", *SWEEP, f"hydra.sweep.dir={folder / 'sweep'}", *placement]
+    try:
+        done = advpt(args, cwd=folder, timeout=180 * len(methods.split(",")))
+    except subprocess.TimeoutExpired as e:
+        finished = sorted(p.parent.name for p in folder.rglob("encoder.safetensors"))
+        said = [(s or b"").decode(errors="replace")[-3000:] for s in (e.stdout, e.stderr)]
+        pytest.fail(f"the sweep did not end in {e.timeout:.0f} s; finished: {finished}\n" + "\n".join(said))
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "sweep"
 

@@ -25,14 +25,17 @@ def test_smoke_plan_names_every_run_by_what_it_computes(tmp_path: Path) -> None:
     cfg = study_config("experiment=smoke", "seeds=2")
     pre = pretrain_jobs(cfg, tmp_path)
     assert [j.name for j in pre[:4]] == ["mae-none-s0", "mae-l2-0.5-s0", "rotnet-none-s0", "rotnet-l2-0.5-s0"]
-    assert len(pre) == 8 and pre[4].name == "mae-none-s1"
+    assert [j.name for j in pre[4:10]] == [
+        f"{m}-{a}-s0" for m in ("dino", "mocov3", "simclr") for a in ("none", "l2-0.5")
+    ]
+    assert len(pre) == 20 and pre[10].name == "mae-none-s1"
     assert pre[1].overrides[:4] == ["method=mae", "attack=l2", "eps=0.5", "seed=0"]
     assert "model=vit_micro" in pre[1].overrides and pre[1].argv()[-2:] == [
         "resume=auto",
         f"hydra.run.dir={pre[1].directory}",
     ]
     ft = finetune_jobs(cfg, tmp_path, pre)
-    assert len(ft) == 8 * 2 + 2  # two layer decays per pre-trained model, a scratch model per seed
+    assert len(ft) == 20 * 2 + 2  # two layer decays per pre-trained model, a scratch model per seed
     assert ft[0].name == "mae-none-s0-builtin-adamw_lld-ld0.65" and ft[0].needs is pre[0]
     assert f"pretrained={pre[0].directory}" in ft[0].overrides and "layer_decay=0.65" in ft[0].overrides
     scratch = ft[-1]
