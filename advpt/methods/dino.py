@@ -130,6 +130,11 @@ class DINO(PretrainMethod):
             update_center(self.center, teacher_logits, float(self.method_cfg["center_momentum"]))
         self.log_loss(loss, n)
         self.log("train/teacher_temperature", self.teacher_temperature_now(), batch_size=n)
+        # DINO's two ways to fail, told apart (Caron et al. Sec. 5.3, Fig. 7): the teacher's entropy near
+        # ln K with the loss near it too is collapse to the uniform; near 0 with a small KL, to one dimension.
+        with torch.no_grad():
+            entropy = -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
+        self.log("train/teacher_entropy", entropy, batch_size=n)
         return loss
 
     # -- the recipe's optimisation pieces ------------------------------------------------------------
