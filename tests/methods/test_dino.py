@@ -252,6 +252,33 @@ def test_attack_perturbs_the_global_crops_against_the_fixed_clean_teacher_and_mo
     assert all(p.grad is None for p in module.teacher.parameters())
 
 
+def test_logged_teacher_entropy_is_that_of_the_centred_sharpened_teacher_and_ln_k_when_uniform(
+    monkeypatch,
+) -> None:
+    module = make_method("dino", drop_path_rate=0.0, teacher_temperature_warmup_fraction=1.0)
+    module.train()
+    logged: dict = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kwargs: logged.__setitem__(name, value))
+    (global1, global2, local), labels = dino_batch()
+    with torch.no_grad():
+        module.center.normal_()
+        targets = teacher_probabilities(
+            module.teacher_logits(torch.cat([global1, global2])), module.center, 0.04
+        )
+    expected = torch.distributions.Categorical(probs=targets).entropy().mean()
+    module.training_step(([global1, global2, local], labels), 0)
+    torch.testing.assert_close(logged["train/teacher_entropy"], expected)
+    # A teacher that gives every input the same logits is uniform once centred: entropy ln K, DINO's collapse.
+    with torch.no_grad():
+        module.teacher["head"].last_layer.weight.zero_()
+        module.center.zero_()
+    module.training_step(([global1, global2, local], labels), 0)
+    out = module.center.shape[1]
+    torch.testing.assert_close(
+        logged["train/teacher_entropy"], torch.tensor(math.log(out)), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_the_attack_refuses_a_loss_that_moves_the_centre(monkeypatch) -> None:
     """The centre is loss state the attack's passes must leave alone: frozen() catches a loss that moves it."""
     module = make_method("dino", attack=L2)
