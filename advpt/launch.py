@@ -89,12 +89,8 @@ def processes(trainer: Any, command: str, run_dir: Path) -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGUSR1, previous)
-        if own_group:
-            import torch.distributed as dist
-
-            # The next job of a sweep starts its own group with its own workers.
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
+        if own_group:  # the next job of a sweep starts its own group with its own workers
+            leave_group()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -114,6 +110,19 @@ def _worker(command: str, run_dir: str) -> None:
         job.fit(OmegaConf.load(directory / "config.yaml"), directory)
     except Preempted:
         sys.exit(PREEMPTED_EXIT)
+    finally:
+        leave_group()
+
+
+def leave_group() -> None:
+    """Destroy this process's default process group, if it has one: what torch asks of every training
+    process before it exits. A worker that exits with its gloo group alive leaves gloo's threads to be
+    torn down during interpreter finalisation, where they can hang waiting for the GIL. The first
+    process would then wait on it for ever."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

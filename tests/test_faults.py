@@ -545,3 +545,36 @@ def test_a_study_killed_with_sigkill_stops_its_runs_and_finishes_when_run_again(
     assert "0 runs failed" in again.stdout
     assert all((lock.parent / "encoder.safetensors").is_file() for lock in locks)
     assert len(list((out / "evaluate").glob("*/results.json"))) == 2
+
+
+def test_a_worker_leaves_its_process_group_before_exiting_whether_it_ends_or_is_preempted(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A worker that exited with its gloo group alive could hang in interpreter finalisation, and the
+    first process waits on its workers: the worker destroys its group on every way out."""
+    import torch.distributed as dist
+
+    import advpt.launch as launch
+    from advpt.launch import PREEMPTED_EXIT, Preempted
+
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    seen: list[bool] = []
+
+    def fit(cfg, directory: Path, stop: bool) -> None:
+        store = dist.HashStore()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        seen.append(dist.is_initialized())
+        if stop:
+            raise Preempted(directory, 3)
+
+    for stop in (False, True):
+        job = SimpleNamespace(fit=lambda cfg, directory, stop=stop: fit(cfg, directory, stop))
+        monkeypatch.setattr(launch.importlib, "import_module", lambda name, job=job: job)
+        if stop:
+            with pytest.raises(SystemExit) as exited:
+                launch._worker("pretrain", str(tmp_path))
+            assert exited.value.code == PREEMPTED_EXIT
+        else:
+            launch._worker("pretrain", str(tmp_path))
+        assert seen[-1] and not dist.is_initialized()
+    assert seen == [True, True]
