@@ -91,7 +91,8 @@ def sweep(methods: str, placement: list[str], folder: Path) -> Path:
         done = advpt(args, cwd=folder, timeout=180 * len(methods.split(",")))
     except subprocess.TimeoutExpired as e:
         finished = sorted(p.parent.name for p in folder.rglob("encoder.safetensors"))
-        said = [(s or b"").decode(errors="replace")[-3000:] for s in (e.stdout, e.stderr)]
+        said = [s.decode(errors="replace") if isinstance(s, bytes) else s or "" for s in (e.stdout, e.stderr)]
+        said = [s[-3000:] for s in said]
         pytest.fail(f"the sweep did not end in {e.timeout:.0f} s; finished: {finished}\n" + "\n".join(said))
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "sweep"
