@@ -132,9 +132,7 @@ class DINO(PretrainMethod):
         self.log("train/teacher_temperature", self.teacher_temperature_now(), batch_size=n)
         # DINO's two ways to fail, told apart (Caron et al. Sec. 5.3, Fig. 7): the teacher's entropy near
         # ln K with the loss near it too is collapse to the uniform; near 0 with a small KL, to one dimension.
-        with torch.no_grad():
-            entropy = -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
-        self.log("train/teacher_entropy", entropy, batch_size=n)
+        self.log("train/teacher_entropy", torch.special.entr(targets).sum(-1).mean(), batch_size=n)
         return loss
 
     # -- the recipe's optimisation pieces ------------------------------------------------------------
