@@ -26,6 +26,7 @@ FAST = [
         (["attack=l3"], "unknown attack option 'l3'"),
         (["foo=1"], "unknown key 'foo'"),
         (["trainer.not_an_argument=1"], "unknown key 'trainer.not_an_argument'"),
+        (["trainer={max_steps:1,bogus:1}"], "trainer has no key 'bogus': add it with +trainer.bogus=VALUE"),
         (["+trainer.not_an_argument=1"], "not a Lightning Trainer argument"),
         (["eps=-0.1"], "eps=-0.1 is out of range"),
         (["attack=linf", "eps=4"], "not a valid l_inf radius"),

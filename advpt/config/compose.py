@@ -47,6 +47,14 @@ def describe_hydra_error(e: BaseException, command: str) -> str:
         key = str(cause).split("Key '", 1)[1].split("'", 1)[0]
     if text.startswith("Could not override") or text.startswith("Could not append") or key:
         name = text.split("'", 2)[1] if "'" in text else key
+        full = re.search(r"full_key: (\S+)", str(cause))
+        if name and full and full.group(1).startswith(f"{name}."):
+            # a mapping given whole (key={a:1,b:2}) with a key the config's mapping lacks
+            new = full.group(1)
+            return (
+                f"{name} has no key {new[len(name) + 1 :]!r}: add it with +{new}=VALUE "
+                f"(list the accepted keys with `advpt {command} --cfg job`)"
+            )
         return (
             f"unknown key {name!r}: it is not in the {command} config "
             f"(list the accepted keys with `advpt {command} --cfg job`; new Trainer arguments as +trainer.NAME=VALUE)"
