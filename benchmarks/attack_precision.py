@@ -6,7 +6,10 @@
 
 Each method's training step builds the loss closure its attack maximises (MAE: the reconstruction loss
 of one mask; BYOL: the cosine loss against the target's projection of the other view; RotNet and
-supervised: cross-entropy). For one batch of built-in digits (resized to the model), one seed and one
+supervised: cross-entropy; DINO: the student's cross-entropy against the teacher on the other global
+crop; MoCo v3: InfoNCE against the momentum encoder's keys; SimCLR: NT-Xent of both views, attacked
+together). The two views of BYOL, DINO, MoCo v3 and SimCLR are the digits and their mirror images (DINO
+without local crops): the benchmark draws no random augmentation. For one batch of built-in digits (resized to the model), one seed and one
 set of weights, that closure is built and attacked three ways:
 
 - ``32-true``: fp32 throughout (the reference);
@@ -70,16 +73,35 @@ def build(method: str, model: dict, device: torch.device) -> Any:
     return module.to(device)
 
 
-MEASURED = ("mae", "byol", "rotnet", "supervised")
-"""The methods whose views this benchmark builds without augmentation (DINO's local crops, SimCLR's and
-MoCo v3's pairs are not built here yet)."""
+MEASURED = ("mae", "byol", "rotnet", "supervised", "dino", "mocov3", "simclr")
+"""The methods whose views this benchmark builds without augmentation."""
+
+PAIRED = ("byol", "dino", "mocov3", "simclr")
+"""The methods that train on two views of each image."""
 
 
 def views(method: str, images: torch.Tensor) -> list[torch.Tensor]:
-    """BYOL's two views: the images and their mirror (the benchmark needs no random augmentation)."""
+    """The images, and for two-view methods their mirror too; DINO's (empty) stack of local crops."""
     if method not in MEASURED:
         raise SystemExit(f"attack_precision.py: {method}'s views are not built here; choose from {MEASURED}")
-    return [images, images.flip(-1)] if method == "byol" else [images]
+    if method not in PAIRED:
+        return [images]
+    pair = [images, images.flip(-1)]
+    if method == "dino":  # no local crops: [B, 0, C, h, w]
+        pair.append(images.new_empty(images.shape[0], 0, *images.shape[1:]))
+    return pair
+
+
+def plus(x: Any, delta: Any) -> Any:
+    """x + delta, for an input or a tuple of inputs (two views, each in its own ball)."""
+    if isinstance(x, tuple):
+        return tuple(a + b for a, b in zip(x, delta, strict=True))
+    return x + delta
+
+
+def cast(x: Any, dtype: torch.dtype) -> Any:
+    """An input, or each of a tuple of inputs, in ``dtype``."""
+    return tuple(a.to(dtype) for a in x) if isinstance(x, tuple) else x.to(dtype)
 
 
 def train(module: Any, method: str, images: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
@@ -91,8 +113,10 @@ def train(module: Any, method: str, images: torch.Tensor, labels: torch.Tensor, 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if method == "byol":
+        if hasattr(module, "update_target"):  # BYOL's target, MoCo v3's momentum encoder
             module.update_target(0.99)
+        if method == "dino":
+            module.teacher.follow(module.student_networks(), 0.99)
 
 
 def closure(module: Any, method: str, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple:
@@ -100,8 +124,8 @@ def closure(module: Any, method: str, images: torch.Tensor, labels: torch.Tensor
     would attack), built by its own training step with this seed (MAE's mask)."""
     found: dict[str, Any] = {}
 
-    def capture(loss_fn, x, support=None):
-        found.update(loss_fn=loss_fn, x=x, support=support)
+    def capture(loss_fn, x, support=None, coupled=False):
+        found.update(loss_fn=loss_fn, x=x, support=support, coupled=coupled)
         return x
 
     module.attacked = capture
@@ -109,12 +133,12 @@ def closure(module: Any, method: str, images: torch.Tensor, labels: torch.Tensor
     module.train()
     with torch.no_grad():
         module.training_step((views(method, images), labels), 0)
-    return found["loss_fn"], found["x"], found["support"]
+    return found["loss_fn"], found["x"], found["support"], found["coupled"]
 
 
-def gain(loss_fn: Callable, x: torch.Tensor, delta: torch.Tensor, module: Any) -> float:
+def gain(loss_fn: Callable, x: Any, delta: Any, module: Any) -> float:
     with torch.no_grad(), frozen(module):
-        return float((loss_fn(x + delta).float() - loss_fn(x).float()).mean())
+        return float((loss_fn(plus(x, delta)).float() - loss_fn(x).float()).mean())
 
 
 def setting(
@@ -127,31 +151,32 @@ def setting(
     seed = 0
     rows = []
     with torch.no_grad():
-        fp32_fn, x, support = closure(module, method, images, labels, seed)
+        fp32_fn, x, support, coupled = closure(module, method, images, labels, seed)
         with bf16:
-            bf16_fn, _, _ = closure(module, method, images, labels, seed)
+            bf16_fn, _, _, _ = closure(module, method, images, labels, seed)
         half = copy.deepcopy(module).to(torch.bfloat16)
-        fsdp_fn, _, fsdp_support = closure(half, method, images.bfloat16(), labels, seed)
+        fsdp_fn, _, fsdp_support, _ = closure(half, method, images.bfloat16(), labels, seed)
     for norm, eps in radii:
         attack = Attack(norm=norm, eps=eps, steps=steps)
         torch.manual_seed(1)
-        d32 = pgd(fp32_fn, x, attack, model=module, support=support)
+        d32 = pgd(fp32_fn, x, attack, model=module, support=support, coupled=coupled)
         torch.manual_seed(1)
         with bf16:
-            d16 = pgd(bf16_fn, x, attack, model=module, support=support)
+            d16 = pgd(bf16_fn, x, attack, model=module, support=support, coupled=coupled)
         torch.manual_seed(1)
-        dfs = pgd(fsdp_fn, x.bfloat16(), attack, model=half, support=fsdp_support)
+        x16 = cast(x, torch.bfloat16)
+        dfs = pgd(fsdp_fn, x16, attack, model=half, support=fsdp_support, coupled=coupled)
         g32 = gain(fp32_fn, x, d32, module)
         with bf16:
             g16 = gain(bf16_fn, x, d16, module)
-        gfs = gain(fsdp_fn, x.bfloat16(), dfs, half)
+        gfs = gain(fsdp_fn, x16, dfs, half)
         rows.append(
             {
                 "norm": norm,
                 "eps": eps,
                 "fp32": g32,
-                "bf16 in fp32": gain(fp32_fn, x, d16.float(), module),
-                "fsdp in fp32": gain(fp32_fn, x, dfs.float(), module),
+                "bf16 in fp32": gain(fp32_fn, x, cast(d16, torch.float32), module),
+                "fsdp in fp32": gain(fp32_fn, x, cast(dfs, torch.float32), module),
                 "bf16": g16,
                 "fsdp": gfs,
             }

@@ -315,11 +315,9 @@ def test_a_loss_scale_that_overflows_is_lowered_and_nothing_non_finite_is_return
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("method", ["mae", "supervised"])
-def test_the_delta_found_in_bf16_is_nine_tenths_as_strong_as_fp32_s(method: str) -> None:
-    """benchmarks/attack_precision.py on one small setting: the attack found under bf16 autocast and under
-    FSDP's bf16 policy, scored in fp32, gains at least 0.9 of what the fp32 attack gains, at the paper's
-    smallest radii converted (l2 0.5 and l_inf 1/255)."""
+def precision_rows(method: str) -> list[dict]:
+    """benchmarks/attack_precision.py's rows for ``method`` at vit_micro's initial weights, 8 digits, PGD-2,
+    the paper's smallest radii converted (l2 0.5 and l_inf 1/255)."""
     import sys
     from pathlib import Path
 
@@ -336,9 +334,40 @@ def test_the_delta_found_in_bf16_is_nine_tenths_as_strong_as_fp32_s(method: str)
     module = bench.build(method, model, torch.device("cpu"))
     images, labels = bench.digits(8, int(model["img_size"]), torch.device("cpu"))
     radii = [(norm, from_paper(norm, eps, int(model["img_size"]))) for norm, eps in bench.RADII[::2]]
-    for row in bench.setting(module, method, images, labels, radii, steps=2):
+    return bench.setting(module, method, images, labels, radii, steps=2)
+
+
+@pytest.mark.parametrize("method", ["mae", "supervised", "dino", "mocov3", "simclr"])
+def test_the_delta_found_under_bf16_autocast_is_nine_tenths_as_strong_as_fp32_s(method: str) -> None:
+    """The attack found under bf16 autocast (Lightning's bf16-mixed), scored in fp32, gains at least 0.9 of
+    what the fp32 attack gains."""
+    for row in precision_rows(method):
         assert row["fp32"] > 0, row
         assert row["bf16 in fp32"] >= 0.9 * row["fp32"], row
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "mae",
+        "supervised",
+        "simclr",
+        pytest.param(
+            "mocov3",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="under FSDP's bf16 policy the untrained MoCo v3's attack reaches 0.74-0.86 of fp32's "
+                "gain (docs/benchmarks.md)",
+            ),
+        ),
+    ],
+)
+def test_the_delta_found_under_fsdp_bf16_policy_is_nine_tenths_as_strong_as_fp32_s(method: str) -> None:
+    """The attack found with weights and input in bf16 (FSDP's ``MixedPrecisionPolicy``), scored in fp32,
+    gains at least 0.9 of what the fp32 attack gains. (DINO's sits at 0.90 at vit_micro, 0.895-0.98 at the
+    cpu model: docs/benchmarks.md.)"""
+    for row in precision_rows(method):
+        assert row["fp32"] > 0, row
         assert row["fsdp in fp32"] >= 0.9 * row["fp32"], row
 
 
