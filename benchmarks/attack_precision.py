@@ -9,8 +9,8 @@ of one mask; BYOL: the cosine loss against the target's projection of the other 
 supervised: cross-entropy; DINO: the student's cross-entropy against the teacher on the other global
 crop; MoCo v3: InfoNCE against the momentum encoder's keys; SimCLR: NT-Xent of both views, attacked
 together). The two views of BYOL, DINO, MoCo v3 and SimCLR are the digits and their mirror images (DINO
-without local crops): the benchmark draws no random augmentation. For one batch of built-in digits (resized to the model), one seed and one
-set of weights, that closure is built and attacked three ways:
+without local crops): the benchmark draws no random augmentation. For one batch of built-in digits
+(resized to the model), one seed and one set of weights, that closure is built and attacked three ways:
 
 - ``32-true``: fp32 throughout (the reference);
 - ``bf16-mixed``: under bf16 autocast, as Lightning's ``bf16-mixed`` runs it;
