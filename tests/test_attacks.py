@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import pytest
@@ -315,9 +316,11 @@ def test_a_loss_scale_that_overflows_is_lowered_and_nothing_non_finite_is_return
     assert len(calls) == 3
 
 
+@functools.cache
 def precision_rows(method: str) -> list[dict]:
     """benchmarks/attack_precision.py's rows for ``method`` at vit_micro's initial weights, 8 digits, PGD-2,
-    the paper's smallest radii converted (l2 0.5 and l_inf 1/255)."""
+    the paper's smallest radii converted (l2 0.5 and l_inf 1/255); computed once per method and process
+    (both precisions' tests read them)."""
     import sys
     from pathlib import Path
 
