@@ -131,8 +131,16 @@ def closure(module: Any, method: str, images: torch.Tensor, labels: torch.Tensor
     module.attacked = capture
     torch.manual_seed(seed)
     module.train()
+    # The step runs in train mode, so it moves the batch norms' running statistics (and DINO's centre),
+    # which the attack's eval-mode passes read. Each closure is built from the same state: without this,
+    # one built after another attacks a network one more update of those statistics along. An untrained
+    # MoCo v3's attack direction moves with them (its deep copy, built one step later, found a delta 0.8
+    # as strong in fp32 as its original's), which was read here as bf16's doing.
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
     with torch.no_grad():
         module.training_step((views(method, images), labels), 0)
+        for buffer, value in saved:
+            buffer.copy_(value)
     return found["loss_fn"], found["x"], found["support"], found["coupled"]
 
 
