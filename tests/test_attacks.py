@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import zlib
+from typing import Any
 
 import pytest
 import torch
@@ -316,20 +317,26 @@ def test_a_loss_scale_that_overflows_is_lowered_and_nothing_non_finite_is_return
     assert len(calls) == 3
 
 
-@functools.cache
-def precision_rows(method: str) -> list[dict]:
-    """benchmarks/attack_precision.py's rows for ``method`` at vit_micro's initial weights, 8 digits, PGD-2,
-    the paper's smallest radii converted (l2 0.5 and l_inf 1/255); computed once per method and process
-    (both precisions' tests read them)."""
+def precision_benchmark() -> Any:
+    """benchmarks/attack_precision.py as a module (benchmarks/ is not a package)."""
     import sys
     from pathlib import Path
 
     benchmarks = str(Path(__file__).resolve().parent.parent / "benchmarks")
     sys.path.insert(0, benchmarks)
     try:
-        import attack_precision as bench
+        import attack_precision
     finally:
         sys.path.remove(benchmarks)
+    return attack_precision
+
+
+@functools.cache
+def precision_rows(method: str) -> list[dict]:
+    """benchmarks/attack_precision.py's rows for ``method`` at vit_micro's initial weights, 8 digits, PGD-2,
+    the paper's smallest radii converted (l2 0.5 and l_inf 1/255); computed once per method and process
+    (both precisions' tests read them)."""
+    bench = precision_benchmark()
     from advpt.radii import from_paper
 
     model = bench.load("model", "vit_micro")
@@ -351,15 +358,7 @@ def test_building_a_precision_closure_leaves_the_statistics_its_attack_reads_as_
     the batch norms' running statistics and DINO's centre, which the attack's eval-mode passes read, must
     not move, or a closure built later attacks another network (an untrained MoCo v3's delta from a copy
     one update along gained only 0.8 of its original's, in fp32)."""
-    import sys
-    from pathlib import Path
-
-    benchmarks = str(Path(__file__).resolve().parent.parent / "benchmarks")
-    sys.path.insert(0, benchmarks)
-    try:
-        import attack_precision as bench
-    finally:
-        sys.path.remove(benchmarks)
+    bench = precision_benchmark()
     model = bench.load("model", "vit_micro")
     torch.manual_seed(0)
     module = bench.build(method, model, torch.device("cpu"))
