@@ -132,10 +132,8 @@ def closure(module: Any, method: str, images: torch.Tensor, labels: torch.Tensor
     torch.manual_seed(seed)
     module.train()
     # The step runs in train mode, so it moves the batch norms' running statistics (and DINO's centre),
-    # which the attack's eval-mode passes read. Each closure is built from the same state: without this,
-    # one built after another attacks a network one more update of those statistics along. An untrained
-    # MoCo v3's attack direction moves with them (its deep copy, built one step later, found a delta 0.8
-    # as strong in fp32 as its original's), which was read here as bf16's doing.
+    # which the attack's eval-mode passes read: they are put back, so that every closure (fp32, bf16,
+    # FSDP's copy) attacks the same network, and a difference between them is precision's alone.
     saved = [(b, b.detach().clone()) for b in module.buffers()]
     with torch.no_grad():
         module.training_step((views(method, images), labels), 0)
